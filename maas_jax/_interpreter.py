@@ -1,0 +1,230 @@
+"""The rewrite engine: interpret a Program's jaxpr, apply rules, re-trace the result.
+
+We never edit equations in place. :func:`rewrite` builds a Python function that walks the
+jaxpr and re-binds every equation on the current trace (inside the equation's own source
+context, so names and source lines survive into HLO), letting a pass
+
+* transform chosen parameters once, at their entry into the program (``entry=``), wrapped in a
+  named marker region (``jit`` named ``maas_<pass>``) so later passes still see the parameter;
+* replace individual equations (``rule=``), anywhere: the engine re-emits jit, scan, while,
+  cond, remat and shard_map regions around rewritten bodies (see ``_regions.py``);
+* drop dead equations (``drop_dead=True``).
+
+``jax.make_jaxpr`` of that function is the new Program's jaxpr. When nothing inside a region
+needs rewriting the region is re-bound untouched, so the identity rewrite is bit-exact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+from jax.extend import core as jcore
+
+from maas_jax import _compat, _provenance
+from maas_jax._errors import (
+    MaasError,
+    OpaqueRegionWarning,
+    RewriteError,
+    UnsupportedPrimitiveError,
+)
+from maas_jax._program import ParamRef, Program
+from maas_jax._provenance import Site, Tag
+
+# A rule receives the site (equation, operand tags, name stack, regions) and the operand values;
+# it returns the output values, or None to leave the equation as it is.
+Rule = Callable[[Site, list[Any]], "list[Any] | None"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Rewrite:
+    """What one rewrite does. Built by passes; see :func:`rewrite`."""
+
+    pass_name: str
+    entry: Mapping[str, Callable[[Any], Any]] = dataclasses.field(default_factory=dict)
+    rule: Rule | None = None
+    rule_primitives: frozenset[str] = frozenset()  # primitives the rule may act on
+    drop_dead: bool = False
+    force_recurse: bool = False  # re-emit every region even if nothing inside changes (tests)
+    inline_custom: bool = False  # inline custom_jvp/custom_vjp bodies so rules reach inside
+
+
+def rewrite(program: Program, spec: Rewrite) -> jcore.ClosedJaxpr:
+    """Re-trace ``program`` under ``spec``; returns the new closed jaxpr (same signature).
+
+    >>> import jax.numpy as jnp
+    >>> import maas_jax
+    >>> from maas_jax import Rewrite, rewrite
+    >>> prog = maas_jax.trace(lambda p, x: x * p["w"], {"w": jnp.full(2, 5.0)}, jnp.ones(2))
+    >>> new = rewrite(prog, Rewrite("halve", entry={"w": lambda w: w / 2}))
+    >>> jax.extend.core.jaxpr_as_fun(new)(jnp.full(2, 5.0), jnp.ones(2))[0].tolist()
+    [2.5, 2.5]
+    """
+    interp = Interpreter(spec)
+    closed = program.jaxpr
+    tags = _provenance.initial_tags(program)
+    marker = f"{_provenance.MARKER_PREFIX}{spec.pass_name}"
+
+    def run(*flat: Any) -> list[Any]:
+        vals = list(flat)
+        in_tags = list(tags)
+        for i, role in enumerate(program.roles):
+            transform = spec.entry.get(role.path) if isinstance(role, ParamRef) else None
+            if transform is not None:
+                vals[i] = apply_marked(transform, vals[i], marker)
+                t = in_tags[i]
+                if t is not None:
+                    in_tags[i] = dataclasses.replace(t, transforms=(*t.transforms, marker))
+        return interp.eval(closed.jaxpr, closed.consts, vals, in_tags)
+
+    structs = [_compat.aval_struct(v.aval) for v in closed.jaxpr.invars]
+    return jax.make_jaxpr(run)(*structs)
+
+
+def apply_marked(transform: Callable[[Any], Any], x: Any, marker: str) -> Any:
+    """Apply ``transform`` to ``x`` inside a ``jit`` region named ``marker``.
+
+    The name is how later analyses recognise the transformed value as the same parameter.
+    """
+
+    def marked(v: Any) -> Any:
+        return transform(v)
+
+    marked.__name__ = marked.__qualname__ = marker
+    return jax.jit(marked)(x)
+
+
+class Interpreter:
+    """Evaluates jaxprs under a :class:`Rewrite`, equation by equation."""
+
+    def __init__(self, spec: Rewrite):
+        self.spec = spec
+        self._touches_cache: dict[int, bool] = {}
+
+    # -- the main loop --------------------------------------------------------------
+    def eval(
+        self,
+        jaxpr: jcore.Jaxpr,
+        consts: Sequence[Any],
+        args: Sequence[Any],
+        in_tags: Sequence[Tag | None] | None = None,
+        *,
+        name_stack: str = "",
+        regions: tuple[str, ...] = (),
+    ) -> list[Any]:
+        env: dict[Any, Any] = {}
+        tenv: dict[Any, Tag | None] = {}
+        in_tags = list(in_tags) if in_tags is not None else [None] * len(jaxpr.invars)
+        for v, x in zip(jaxpr.constvars, consts, strict=True):
+            env[v] = x
+        for v, x, t in zip(jaxpr.invars, args, in_tags, strict=True):
+            env[v] = x
+            tenv[v] = t
+
+        def read(v: Any) -> Any:
+            return v.val if isinstance(v, jcore.Literal) else env[v]
+
+        live = _live_equations(jaxpr) if self.spec.drop_dead else None
+        for k, eqn in enumerate(jaxpr.eqns):
+            if live is not None and not live[k]:
+                continue
+            invals = [read(v) for v in eqn.invars]
+            tags = tuple(None if isinstance(v, jcore.Literal) else tenv.get(v) for v in eqn.invars)
+            ns = _provenance.join_name_stack(name_stack, eqn)
+            site = Site(eqn, tags, ns, regions)
+            bind_ns = _compat.current_name_stack() + _compat.eqn_name_stack(eqn)
+            with _compat.eqn_context(eqn, bind_ns):
+                try:
+                    outvals = self._eval_eqn(site, invals)
+                except MaasError:
+                    raise
+                except Exception as e:
+                    raise RewriteError(
+                        f"{self.spec.pass_name}: rewriting `{eqn.primitive.name}` failed at "
+                        f"{site.source} (name stack {ns or '<root>'!r}): "
+                        f"{type(e).__name__}: {e}"
+                    ) from e
+            out_tags = (
+                _provenance.eqn_out_tags(eqn, tags, None, ns, regions)
+                if self.spec.rule is not None
+                else [None] * len(eqn.outvars)
+            )
+            for v, x, t in zip(eqn.outvars, outvals, out_tags, strict=True):
+                env[v] = x
+                tenv[v] = t
+        return [read(v) for v in jaxpr.outvars]
+
+    def _eval_eqn(self, site: Site, invals: list[Any]) -> list[Any]:
+        from maas_jax import _regions  # the handlers call back into this interpreter
+
+        eqn = site.eqn
+        spec = self.spec
+        if spec.rule is not None and eqn.primitive.name in spec.rule_primitives:
+            out = spec.rule(site, invals)
+            if out is not None:
+                return list(out)
+        kind = _compat.hop_kind(eqn)
+        if kind is not None and not _provenance.is_marker(eqn) and self._recurse_into(eqn):
+            return _regions.HANDLERS[kind](self, site, invals)
+        if kind is None and _compat.sub_jaxprs(eqn) and self._touches(eqn):
+            tagged = [t.path for t in site.in_tags if t is not None]
+            if tagged or spec.rule is not None:
+                raise UnsupportedPrimitiveError(
+                    f"{spec.pass_name}: `{eqn.primitive.name}` at {site.source} (name stack "
+                    f"{site.name_stack or '<root>'!r}) has a body maas_jax cannot see into, and "
+                    f"the pass would rewrite equations inside it"
+                    + (f"; parameters flowing in: {', '.join(tagged)}" if tagged else "")
+                    + ". Rewriting only around it would silently skip them. Exclude these "
+                    "parameters or this region with `where=`, or rewrite the region yourself."
+                )
+        return _compat.bind_eqn(eqn, invals)
+
+    # -- when to go inside a region ---------------------------------------------------
+    def _recurse_into(self, eqn: jcore.JaxprEqn) -> bool:
+        if self.spec.force_recurse:
+            return True
+        return self._touches(eqn)
+
+    def _touches(self, eqn: jcore.JaxprEqn) -> bool:
+        """Whether the rule or dead-code removal has anything to do inside ``eqn``'s regions."""
+        key = id(eqn)
+        if key not in self._touches_cache:
+            self._touches_cache[key] = any(self._jaxpr_touched(j) for j in _compat.sub_jaxprs(eqn))
+        return self._touches_cache[key]
+
+    def _jaxpr_touched(self, jaxpr: jcore.Jaxpr) -> bool:
+        if self.spec.drop_dead and not all(_live_equations(jaxpr)):
+            return True
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name in self.spec.rule_primitives:
+                return True
+            if not _provenance.is_marker(eqn) and self._touches(eqn):
+                return True
+        return False
+
+    def warn_opaque(self, site: Site) -> None:
+        warnings.warn(
+            f"{self.spec.pass_name}: `{site.primitive}` "
+            f"{_compat.custom_call_name(site.eqn)!r} at {site.source} contains equations this "
+            "pass would rewrite, but custom_jvp/custom_vjp regions are left opaque: rewriting "
+            "only the primal would be undone by the custom derivative under jax.grad. Pass "
+            "inline_custom=True to inline the region (its custom derivative is then replaced "
+            "by ordinary autodiff).",
+            OpaqueRegionWarning,
+            stacklevel=2,
+        )
+
+
+def _live_equations(jaxpr: jcore.Jaxpr) -> list[bool]:
+    """Which equations contribute to the outputs or have effects (backward liveness)."""
+    live_vars = {v for v in jaxpr.outvars if not isinstance(v, jcore.Literal)}
+    live = [False] * len(jaxpr.eqns)
+    for k in range(len(jaxpr.eqns) - 1, -1, -1):
+        eqn = jaxpr.eqns[k]
+        if eqn.effects or any(v in live_vars for v in eqn.outvars):
+            live[k] = True
+            live_vars.update(v for v in eqn.invars if not isinstance(v, jcore.Literal))
+    return live

@@ -1,0 +1,173 @@
+"""Selecting parameters: one ``where=`` vocabulary for every pass.
+
+A selector is normalised to a predicate over :class:`ParamInfo` (path, role, uses), as flax's
+``nnx.filterlib`` does for variables:
+
+* ``str`` / ``re.Pattern`` — a regex searched in the parameter path (``"Dense_0/kernel$"``);
+* :class:`Op` — parameters consumed by a primitive and/or inside a name stack matching a regex;
+* a callable ``fn(path, info) -> bool``;
+* a list or tuple of selectors — *rules* tried in order, first match wins (qwix semantics). Each
+  rule that selects nothing (or only what earlier rules took) is reported as unused.
+* ``None`` — the pass's default (for weight passes: floating parameters of the ``params``
+  collection that a dot_general or conv_general_dilated consumes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from maas_jax._compat import CONTRACTION_PRIMITIVES
+from maas_jax._errors import SelectionError, UnusedRuleWarning
+from maas_jax._program import ParamRef, Program
+from maas_jax._provenance import Use, consumers
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamInfo:
+    """What a selector sees of one parameter."""
+
+    path: str
+    role: ParamRef
+    uses: tuple[Use, ...]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.role.shape
+
+    @property
+    def dtype(self) -> Any:
+        return self.role.dtype
+
+    @property
+    def is_weight(self) -> bool:
+        """A trainable floating parameter that a dot_general or convolution consumes."""
+        return (
+            self.role.trainable
+            and self.role.dtype.kind in "fc"
+            and any(u.primitive in CONTRACTION_PRIMITIVES for u in self.uses)
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Op:
+    """Select parameters by how they are used.
+
+    ``primitive``: a primitive name or tuple of names (``"dot_general"``,
+    ``"conv_general_dilated"``); ``name_stack``: a regex searched in the full name stack of the
+    consuming equation (Flax module path, e.g. ``"encoder/layer_0/attention"``).
+
+    >>> Op("dot_general", name_stack="attention").primitive
+    'dot_general'
+    """
+
+    primitive: str | tuple[str, ...] | None = None
+    name_stack: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.name_stack is not None:
+            _compile_regex(self.name_stack, "Op(name_stack=...)")
+
+
+Selector = Any  # str | re.Pattern | Op | Callable | Sequence[Selector] | None
+Predicate = Callable[[ParamInfo], bool]
+
+
+def _compile_regex(pattern: str | re.Pattern, what: str) -> re.Pattern:
+    if isinstance(pattern, re.Pattern):
+        return pattern
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise SelectionError(
+            f"{what}: {pattern!r} is not a valid regular expression ({e}). "
+            "Selectors are Python regexes searched in the parameter path, "
+            "e.g. r'encoder/layer_\\d+/attention/.*kernel$'."
+        ) from None
+
+
+def predicate(where: Selector, *, what: str = "where") -> Predicate:
+    """Normalise one selector (not a rule list) to a predicate over :class:`ParamInfo`."""
+    if isinstance(where, str | re.Pattern):
+        rx = _compile_regex(where, what)
+        return lambda info: rx.search(info.path) is not None
+    if isinstance(where, Op):
+        prims = (where.primitive,) if isinstance(where.primitive, str) else where.primitive
+        ns = _compile_regex(where.name_stack, what) if where.name_stack is not None else None
+
+        def op_pred(info: ParamInfo) -> bool:
+            return any(
+                (prims is None or u.primitive in prims)
+                and (ns is None or ns.search(u.name_stack) is not None)
+                for u in info.uses
+            )
+
+        return op_pred
+    if callable(where):
+        return lambda info: bool(where(info.path, info))
+    if isinstance(where, Sequence) and not isinstance(where, str):
+        preds = [predicate(w, what=what) for w in where]
+        return lambda info: any(p(info) for p in preds)
+    raise SelectionError(
+        f"{what}: cannot select with a {type(where).__name__} ({where!r}). Use a path regex "
+        "string, maas_jax.Op(primitive=..., name_stack=...), a callable (path, info) -> bool, "
+        "or a list of these."
+    )
+
+
+def param_infos(program: Program) -> list[ParamInfo]:
+    table = consumers(program)
+    return [ParamInfo(r.path, r, table[r.path]) for r in program.params]
+
+
+@dataclasses.dataclass(frozen=True)
+class Selection:
+    """Which parameters each rule took (first match wins) and which rules took nothing."""
+
+    chosen: Mapping[str, int]  # path -> index of the rule that selected it
+    infos: Mapping[str, ParamInfo]
+    unused: tuple[int, ...]
+    rules: tuple[Any, ...]
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        return tuple(self.chosen)
+
+
+def select(
+    program: Program,
+    where: Selector,
+    *,
+    pass_name: str,
+    default: Predicate | None = None,
+    warn_unused: bool = True,
+) -> Selection:
+    """Apply ``where`` to the program's parameters, first match wins; warn on unused rules."""
+    default = default or (lambda info: info.is_weight)
+    if where is None:
+        rules: tuple[Any, ...] = (None,)
+        preds = [default]
+    else:
+        rules = tuple(where) if isinstance(where, list | tuple) else (where,)
+        preds = [predicate(r, what=f"{pass_name}(where=...)") for r in rules]
+    infos = {i.path: i for i in param_infos(program)}
+    chosen: dict[str, int] = {}
+    for path, info in infos.items():
+        for k, pred in enumerate(preds):
+            if pred(info):
+                chosen[path] = k
+                break
+    unused = tuple(k for k in range(len(rules)) if k not in chosen.values())
+    if warn_unused and unused and where is not None:
+        names = ", ".join(repr(rules[k]) for k in unused)
+        warnings.warn(
+            f"{pass_name}: rule(s) {names} matched no parameter of {program.name!r} "
+            f"(or only parameters an earlier rule took). Parameters: "
+            f"{', '.join(list(infos)[:8])}{', ...' if len(infos) > 8 else ''}",
+            UnusedRuleWarning,
+            stacklevel=3,
+        )
+    return Selection(chosen, infos, unused, rules)

@@ -1,0 +1,11 @@
+"""The maas_jax pass library (``maas_jax.passes``): policies built on the core engine.
+
+Every public pass is a snake_case factory returning a frozen, hashable pass object with a
+readable ``repr``. A pass maps a :class:`maas_jax.Program` to a Program and returns its input
+object unchanged when it has nothing to do.
+"""
+
+from maas_jax.passes.clip import ClipWeights, clip_weights
+from maas_jax.passes.dce import DCE, dce
+
+__all__ = ["ClipWeights", "DCE", "clip_weights", "dce"]
