@@ -37,7 +37,13 @@ from maas_jax._program import (
     trace_nnx,
 )
 from maas_jax._provenance import Site, Tag, Use, consumers, contraction_sites
-from maas_jax._report import CoverageEntry, coverage, coverage_report, param_report
+from maas_jax._report import (
+    CoverageEntry,
+    coverage,
+    coverage_report,
+    param_report,
+    primitive_counts,
+)
 from maas_jax._select import Op, ParamInfo, Selection, predicate, select
 
 __version__ = "0.1.0"
@@ -75,6 +81,7 @@ __all__ = [
     "param_report",
     "pipeline",
     "predicate",
+    "primitive_counts",
     "rewrite",
     "select",
     "to_fn",

@@ -124,7 +124,7 @@ def eqn_name_stack(eqn: jcore.JaxprEqn) -> Any:
 def source_line(eqn: jcore.JaxprEqn) -> str:
     """The user's source line for ``eqn`` ("file.py:12:4 (fn)"), or "<unknown>"."""
     try:
-        return source_info_util.summarize(eqn.source_info)
+        return source_info_util.summarize(eqn.source_info) or "<unknown>"
     except Exception:  # summarize can fail on synthetic equations
         return "<unknown>"
 
@@ -240,3 +240,10 @@ def contraction_summary(eqn: jcore.JaxprEqn) -> dict[str, Any]:
 def aval_struct(aval: Any) -> jax.ShapeDtypeStruct:
     """A ShapeDtypeStruct for an abstract value, keeping weak types."""
     return jax.ShapeDtypeStruct(aval.shape, aval.dtype, weak_type=getattr(aval, "weak_type", False))
+
+
+def is_floating(dtype: Any) -> bool:
+    """True for float and complex dtypes, bfloat16 and float8 included (numpy kind is 'V')."""
+    import jax.numpy as jnp
+
+    return bool(jnp.issubdtype(dtype, jnp.inexact))

@@ -103,5 +103,5 @@ def flatten_leaves(tree: Any) -> list[Leaf]:
 def describe_value(x: Any) -> str:
     """``f32[4,8]`` for arrays, the type name otherwise (for error messages)."""
     if hasattr(x, "shape") and hasattr(x, "dtype"):
-        return f"{np.dtype(x.dtype).name}{list(x.shape)}".replace(" ", "")
+        return f"{np.dtype(x.dtype).name}[{','.join(map(str, x.shape))}]"
     return type(x).__name__

@@ -139,7 +139,7 @@ class Program:
             ):
                 raise ProgramCallError(
                     f"{self.name}: argument {role.path} was traced as "
-                    f"{np.dtype(aval.dtype).name}{list(aval.shape)} but got {describe_value(x)}. "
+                    f"{describe_value(aval)} but got {describe_value(x)}. "
                     "A Program is specialized to the shapes it was traced with: trace again "
                     "with example inputs of the new shape (maas_jax.trace)."
                 )

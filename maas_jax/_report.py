@@ -131,7 +131,38 @@ def _table(head: tuple[str, ...], rows: list[tuple[Any, ...]]) -> str:
     cols = list(zip(head, *rows, strict=False)) if rows else [(h,) for h in head]
     widths = [min(60, max(len(str(c)) for c in col)) for col in cols]
 
+    def cell(c: Any) -> str:
+        # Keep the end of long names: "...layer_0/attention/query" says more than the root.
+        s = str(c)
+        return s if len(s) <= 60 else "..." + s[-57:]
+
     def line(cells: tuple[Any, ...]) -> str:
-        return "  ".join(str(c)[:60].ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
+        return "  ".join(cell(c).ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
 
     return "\n".join([line(head), line(tuple("-" * w for w in widths)), *map(line, rows)])
+
+
+def primitive_counts(program_or_jaxpr: Any) -> dict[str, int]:
+    """How many times each primitive occurs, counting inside every region (recursively).
+
+    >>> import jax, jax.numpy as jnp
+    >>> import maas_jax
+    >>> prog = maas_jax.trace(lambda p, x: jax.jit(jnp.sin)(x @ p), jnp.ones((2, 2)), jnp.ones(2))
+    >>> maas_jax.primitive_counts(prog)
+    {'dot_general': 1, 'jit': 1, 'sin': 1}
+    """
+    from maas_jax._compat import sub_jaxprs
+
+    j = program_or_jaxpr
+    j = getattr(j, "jaxpr", j)  # Program -> ClosedJaxpr
+    j = getattr(j, "jaxpr", j)  # ClosedJaxpr -> Jaxpr
+    counts: dict[str, int] = {}
+
+    def visit(jaxpr: Any) -> None:
+        for eqn in jaxpr.eqns:
+            counts[eqn.primitive.name] = counts.get(eqn.primitive.name, 0) + 1
+            for sub in sub_jaxprs(eqn):
+                visit(sub)
+
+    visit(j)
+    return dict(sorted(counts.items()))

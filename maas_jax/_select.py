@@ -20,7 +20,7 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from maas_jax._compat import CONTRACTION_PRIMITIVES
+from maas_jax._compat import CONTRACTION_PRIMITIVES, is_floating
 from maas_jax._errors import SelectionError, UnusedRuleWarning
 from maas_jax._program import ParamRef, Program
 from maas_jax._provenance import Use, consumers
@@ -47,7 +47,7 @@ class ParamInfo:
         """A trainable floating parameter that a dot_general or convolution consumes."""
         return (
             self.role.trainable
-            and self.role.dtype.kind in "fc"
+            and is_floating(self.role.dtype)
             and any(u.primitive in CONTRACTION_PRIMITIVES for u in self.uses)
         )
 

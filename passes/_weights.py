@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from maas_jax import Program, Selection, UnsupportedPrimitiveError, select
+from maas_jax._compat import is_floating
 
 
 def select_weights(
@@ -34,7 +35,7 @@ def select_weights(
     todo = [p for p in sel.paths if p not in done]
     for path in todo:
         role = sel.infos[path].role
-        if role.dtype.kind not in "fc":
+        if not is_floating(role.dtype):
             raise TypeError(
                 f"{pass_name}: parameter {path!r} is {role.dtype.name}; only floating-point "
                 "parameters can be transformed. Narrow `where=` to exclude it."
