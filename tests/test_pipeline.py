@@ -73,7 +73,7 @@ def _corrupting_pass(program: Program) -> Program:
     k = next(i for i, e in enumerate(j.eqns) if e.primitive.name == "dot_general")
     eqn = j.eqns[k]
     aval = eqn.outvars[0].aval
-    bad_aval = jax.core.ShapedArray((aval.shape[0] + 1, *aval.shape[1:]), aval.dtype)
+    bad_aval = type(aval)((aval.shape[0] + 1, *aval.shape[1:]), aval.dtype)
     bad = eqn.replace(outvars=[jcore.Var(bad_aval)])
     broken = j.replace(eqns=[*j.eqns[:k], bad, *j.eqns[k + 1 :]])
     return program.replace(jaxpr=jcore.ClosedJaxpr(broken, program.jaxpr.consts))

@@ -35,6 +35,8 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 __all__ = [
+    "BATCH",
+    "MODEL_NAMES",
     "ZooModel",
     "by_name",
     "map_params",
@@ -738,32 +740,30 @@ def _shard_map_8dev() -> ZooModel:
 
 # --------------------------------------------------------------------------------------
 
-_BUILDERS = (
-    _linen_mlp,
-    _linen_cnn_bn,
-    _linen_scan_remat_transformer,
-    _nnx_mlp,
-    _pure_control_flow,
-    _pure_scan_cond,
-    _tied_embeddings,
-    _custom_vjp,
-    _nested_jit,
-    _shard_map_8dev,
-)
+_BUILDERS: dict[str, Callable[[], ZooModel]] = {
+    "linen_mlp": _linen_mlp,
+    "linen_cnn_bn": _linen_cnn_bn,
+    "linen_scan_remat_transformer": _linen_scan_remat_transformer,
+    "nnx_mlp": _nnx_mlp,
+    "pure_control_flow": _pure_control_flow,
+    "pure_scan_cond": _pure_scan_cond,
+    "tied_embeddings": _tied_embeddings,
+    "custom_vjp": _custom_vjp,
+    "nested_jit": _nested_jit,
+    "shard_map_8dev": _shard_map_8dev,
+}
+
+MODEL_NAMES: tuple[str, ...] = tuple(_BUILDERS)  # usable at collection time (parametrize)
 
 
 @functools.cache
-def _zoo() -> tuple[ZooModel, ...]:
-    return tuple(b() for b in _BUILDERS)
+def by_name(name: str) -> ZooModel:
+    """One zoo model, built on first request (deterministic) and cached."""
+    if name not in _BUILDERS:
+        raise KeyError(f"no zoo model named {name!r}; have {list(MODEL_NAMES)}")
+    return _BUILDERS[name]()
 
 
 def zoo() -> list[ZooModel]:
-    """Every zoo model (built once, on first call; deterministic)."""
-    return list(_zoo())
-
-
-def by_name(name: str) -> ZooModel:
-    for m in _zoo():
-        if m.name == name:
-            return m
-    raise KeyError(f"no zoo model named {name!r}; have {[m.name for m in _zoo()]}")
+    """Every zoo model, in ``MODEL_NAMES`` order."""
+    return [by_name(n) for n in MODEL_NAMES]
