@@ -67,6 +67,9 @@ def rewrite(program: Program, spec: Rewrite) -> jcore.ClosedJaxpr:
     closed = program.jaxpr
     tags = _provenance.initial_tags(program)
     marker = f"{_provenance.MARKER_PREFIX}{spec.pass_name}"
+    # One jitted marker per distinct transform: parameters of equal shape (the layers of a
+    # deep model) then hit jax's trace cache instead of re-tracing the transform each time.
+    marked: dict[int, Callable[[Any], Any]] = {}
 
     def run(*flat: Any) -> list[Any]:
         vals = list(flat)
@@ -74,7 +77,9 @@ def rewrite(program: Program, spec: Rewrite) -> jcore.ClosedJaxpr:
         for i, role in enumerate(program.roles):
             transform = spec.entry.get(role.path) if isinstance(role, ParamRef) else None
             if transform is not None:
-                vals[i] = apply_marked(transform, vals[i], marker)
+                if id(transform) not in marked:
+                    marked[id(transform)] = marked_fn(transform, marker)
+                vals[i] = marked[id(transform)](vals[i])
                 t = in_tags[i]
                 if t is not None:
                     in_tags[i] = dataclasses.replace(t, transforms=(*t.transforms, marker))
@@ -84,8 +89,8 @@ def rewrite(program: Program, spec: Rewrite) -> jcore.ClosedJaxpr:
     return jax.make_jaxpr(run)(*structs)
 
 
-def apply_marked(transform: Callable[[Any], Any], x: Any, marker: str) -> Any:
-    """Apply ``transform`` to ``x`` inside a ``jit`` region named ``marker``.
+def marked_fn(transform: Callable[[Any], Any], marker: str) -> Callable[[Any], Any]:
+    """``transform`` as a ``jit`` region named ``marker``.
 
     The name is how later analyses recognise the transformed value as the same parameter.
     """
@@ -94,7 +99,12 @@ def apply_marked(transform: Callable[[Any], Any], x: Any, marker: str) -> Any:
         return transform(v)
 
     marked.__name__ = marked.__qualname__ = marker
-    return jax.jit(marked)(x)
+    return jax.jit(marked)
+
+
+def apply_marked(transform: Callable[[Any], Any], x: Any, marker: str) -> Any:
+    """Apply ``transform`` to ``x`` inside a ``jit`` region named ``marker``."""
+    return marked_fn(transform, marker)(x)
 
 
 class Interpreter:

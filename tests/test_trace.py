@@ -131,3 +131,20 @@ def test_calling_with_other_shapes_or_structure_is_a_clear_error():
         prog({"w": jnp.ones((4, 2), jnp.int32)}, jnp.ones((3, 4)))
     with pytest.raises(ProgramCallError, match="structured as"):
         prog({"w": jnp.ones((4, 2)), "extra": jnp.ones(1)}, jnp.ones((3, 4)))
+
+
+def test_nnx_declared_logical_axes_are_kept():
+    import flax
+
+    old = flax.config.flax_always_shard_variable
+    flax.config.update("flax_always_shard_variable", False)  # no mesh here: keep names only
+    try:
+        init = nnx.with_partitioning(nnx.initializers.lecun_normal(), ("embed", "mlp"))
+        lin = nnx.Linear(4, 8, kernel_init=init, rngs=nnx.Rngs(0))
+    finally:
+        flax.config.update("flax_always_shard_variable", old)
+    prog, _ = maas_jax.trace_nnx(lin, jnp.ones((1, 4)))
+    assert {r.path: r.logical_axes for r in prog.params} == {
+        "bias": None,
+        "kernel": ("embed", "mlp"),
+    }
