@@ -84,7 +84,9 @@ def run(quick: bool, layout: str, repeats: int) -> dict:
         if quick
         else dict(layers=24, d_model=512, d_ff=2048, heads=8, vocab=8192, batch=4, seq=128)
     )
-    model = Transformer(cfg["layers"], cfg["d_model"], cfg["d_ff"], cfg["heads"], cfg["vocab"], layout)
+    model = Transformer(
+        cfg["layers"], cfg["d_model"], cfg["d_ff"], cfg["heads"], cfg["vocab"], layout
+    )
     ids = jnp.zeros((cfg["batch"], cfg["seq"]), jnp.int32)
     # Shapes alone: tracing and compiling need no weights (and no slow random init).
     variables = jax.eval_shape(model.init, jax.random.key(0), ids)
@@ -174,8 +176,10 @@ def main(argv=None) -> int:
     res = run(ns.quick, ns.layout, 1 if ns.quick else ns.repeats)
     s = res["seconds"]
     c = res["config"]
-    print(f"model: {c['layers']}-layer transformer ({c['layout']}), d_model {c['d_model']}, "
-          f"{c['params'] / 1e6:.1f} M params, {res['top_level_equations']} top-level equations")
+    print(
+        f"model: {c['layers']}-layer transformer ({c['layout']}), d_model {c['d_model']}, "
+        f"{c['params'] / 1e6:.1f} M params, {res['top_level_equations']} top-level equations"
+    )
     for stage in ("trace", "passes", "lower", "compile", "run"):
         lo, hi = res["ranges"][stage]
         print(f"  {stage:<8} {s[stage] * 1e3:9.1f} ms   (min {lo * 1e3:.1f}, max {hi * 1e3:.1f})")
