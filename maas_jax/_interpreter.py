@@ -45,8 +45,12 @@ class Rewrite:
 
     pass_name: str
     entry: Mapping[str, Callable[[Any], Any]] = dataclasses.field(default_factory=dict)
+    entry_marked: bool = True  # wrap entry transforms in the pass's marker region
     rule: Rule | None = None
-    rule_primitives: frozenset[str] = frozenset()  # primitives the rule may act on
+    rule_primitives: frozenset[str] = frozenset()  # primitives the rule is called on
+    # Which equations make the engine enter a region to reach them (default: those in
+    # rule_primitives). Narrow it when the rule only cares about a few of those equations.
+    wants: Callable[[jcore.JaxprEqn], bool] | None = None
     drop_dead: bool = False
     force_recurse: bool = False  # re-emit every region even if nothing inside changes (tests)
     inline_custom: bool = False  # inline custom_jvp/custom_vjp bodies so rules reach inside
@@ -77,13 +81,16 @@ def rewrite(program: Program, spec: Rewrite) -> jcore.ClosedJaxpr:
         for i, role in enumerate(program.roles):
             transform = spec.entry.get(role.path) if isinstance(role, ParamRef) else None
             if transform is not None:
+                if not spec.entry_marked:
+                    vals[i] = transform(vals[i])  # the transform places its own markers
+                    continue
                 if id(transform) not in marked:
                     marked[id(transform)] = marked_fn(transform, marker)
                 vals[i] = marked[id(transform)](vals[i])
                 t = in_tags[i]
                 if t is not None:
                     in_tags[i] = dataclasses.replace(t, transforms=(*t.transforms, marker))
-        return interp.eval(closed.jaxpr, closed.consts, vals, in_tags)
+        return [materialize(v) for v in interp.eval(closed.jaxpr, closed.consts, vals, in_tags)]
 
     structs = [_compat.aval_struct(v.aval) for v in closed.jaxpr.invars]
     return jax.make_jaxpr(run)(*structs)
@@ -105,6 +112,20 @@ def marked_fn(transform: Callable[[Any], Any], marker: str) -> Callable[[Any], A
 def apply_marked(transform: Callable[[Any], Any], x: Any, marker: str) -> Any:
     """Apply ``transform`` to ``x`` inside a ``jit`` region named ``marker``."""
     return marked_fn(transform, marker)(x)
+
+
+def is_lifted(x: Any) -> bool:
+    """Whether ``x`` is a pass's value object (e.g. a quantized array) rather than an array.
+
+    Passes may put such objects into the interpreter's environment (an entry transform returns
+    one, a rule passes it on). They implement ``__maas_materialize__()``, which the engine calls
+    wherever an equation it does not hand to the pass's rule needs a plain array.
+    """
+    return hasattr(x, "__maas_materialize__")
+
+
+def materialize(x: Any) -> Any:
+    return x.__maas_materialize__() if is_lifted(x) else x
 
 
 class Interpreter:
@@ -190,7 +211,7 @@ class Interpreter:
                     + ". Rewriting only around it would silently skip them. Exclude these "
                     "parameters or this region with `where=`, or rewrite the region yourself."
                 )
-        return _compat.bind_eqn(eqn, invals)
+        return _compat.bind_eqn(eqn, [materialize(v) for v in invals])
 
     # -- when to go inside a region ---------------------------------------------------
     def _recurse_into(self, eqn: jcore.JaxprEqn) -> bool:
@@ -208,8 +229,9 @@ class Interpreter:
     def _jaxpr_touched(self, jaxpr: jcore.Jaxpr) -> bool:
         if self.spec.drop_dead and not all(_live_equations(jaxpr)):
             return True
+        wants = self.spec.wants or (lambda e: e.primitive.name in self.spec.rule_primitives)
         for eqn in jaxpr.eqns:
-            if eqn.primitive.name in self.spec.rule_primitives:
+            if self.spec.rule is not None and wants(eqn):
                 return True
             if not _provenance.is_marker(eqn) and self._touches(eqn):
                 return True

@@ -40,7 +40,7 @@ class Tag:
     """
 
     path: str
-    views: tuple[tuple[str, str], ...] = ()
+    views: tuple[tuple[str, Any], ...] = ()
     sliced: int = 0
     transforms: tuple[str, ...] = ()
     local_shard: bool = False
@@ -57,14 +57,15 @@ class Use:
     source: str
     regions: tuple[str, ...]
     dims: tuple[tuple[str, Any], ...] = ()
-    views: tuple[tuple[str, str], ...] = ()
+    views: tuple[tuple[str, Any], ...] = ()
     sliced: int = 0
     transforms: tuple[str, ...] = ()
     opaque: bool = False
 
     def describe(self) -> str:
         where = " > ".join(self.regions) if self.regions else "top level"
-        extra = f" via {'/'.join(v for v, _ in self.views)}" if self.views else ""
+        names = [v for v, _ in self.views if v != "scan_slice"]
+        extra = f" via {'/'.join(names)}" if names else ""
         sl = f" (scan-sliced x{self.sliced})" if self.sliced else ""
         return (
             f"{self.primitive}[operand {self.operand}]{extra}{sl} in {where} "
@@ -101,12 +102,15 @@ def is_marker(eqn: jcore.JaxprEqn) -> bool:
     return _compat.hop_kind(eqn) == "jit" and _compat.jit_name(eqn).startswith(MARKER_PREFIX)
 
 
-def _view_summary(eqn: jcore.JaxprEqn) -> str:
+_VIEW_KEYS = ("permutation", "new_sizes", "dimensions", "shape", "broadcast_dimensions")
+
+
+def _view_summary(eqn: jcore.JaxprEqn) -> tuple[tuple[str, Any], ...]:
+    """The view's shape-relevant params and its input shape, as hashable data."""
     p = eqn.params
-    for key in ("permutation", "new_sizes", "dimensions", "new_dtype", "shape"):
-        if key in p and p[key] is not None:
-            return f"{key}={p[key]}"
-    return ""
+    items = [(k, p[k]) for k in _VIEW_KEYS if p.get(k) is not None]
+    items.append(("in_shape", tuple(eqn.invars[0].aval.shape)))
+    return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in items)
 
 
 def view_out_tag(eqn: jcore.JaxprEqn, in_tags: Sequence[Tag | None]) -> Tag | None:
@@ -131,7 +135,10 @@ class Region:
 
 
 def _sliced(t: Tag | None) -> Tag | None:
-    return None if t is None else dataclasses.replace(t, sliced=t.sliced + 1, views=())
+    # Slicing is recorded as a view too, so dimensions map back through it in order.
+    if t is None:
+        return None
+    return dataclasses.replace(t, sliced=t.sliced + 1, views=(*t.views, ("scan_slice", ())))
 
 
 def _local(t: Tag | None) -> Tag | None:
@@ -323,3 +330,48 @@ def all_sites(program: Program) -> list[Site]:
     sites: list[Site] = []
     walk(program.jaxpr.jaxpr, initial_tags(program), sites.append)
     return sites
+
+
+def map_dims_to_param(dims: Sequence[int], views: Sequence[tuple[str, Any]]) -> list[int | None]:
+    """Map dimensions of a viewed operand back to the parameter's own dimensions.
+
+    ``views`` is a :attr:`Tag.views` chain (applied in order, parameter first). A dimension that
+    the views created (a broadcast axis) or mixed (a reshape merging axes) maps to ``None``.
+
+    >>> map_dims_to_param([0], [("transpose", (("permutation", (1, 0)), ("in_shape", (3, 4))))])
+    [1]
+    >>> map_dims_to_param([0], [("scan_slice", ())])
+    [1]
+    """
+    out: list[int | None] = list(dims)
+    for name, summary in reversed(list(views)):
+        p = dict(summary)
+        out = [None if d is None else _back(name, p, d) for d in out]
+    return out
+
+
+def _back(name: str, p: dict[str, Any], d: int) -> int | None:
+    if name == "transpose":
+        return p["permutation"][d]
+    if name == "scan_slice":
+        return d + 1
+    if name == "broadcast_in_dim":
+        bd = tuple(p["broadcast_dimensions"])
+        return bd.index(d) if d in bd else None
+    if name == "squeeze":
+        kept = [i for i in range(len(p["in_shape"])) if i not in set(p["dimensions"])]
+        return kept[d]
+    if name == "reshape":
+        return _reshape_back(tuple(p["in_shape"]), tuple(p["new_sizes"]), d)
+    return d  # dtype/layout-only views keep dimensions
+
+
+def _reshape_back(in_shape: tuple[int, ...], out_shape: tuple[int, ...], d: int) -> int | None:
+    """The input axis an output axis of a reshape is, if it is one unchanged axis."""
+    import math
+
+    before, size = math.prod(out_shape[:d]), out_shape[d]
+    for i, n in enumerate(in_shape):
+        if math.prod(in_shape[:i]) == before and n == size:
+            return i
+    return None

@@ -20,6 +20,7 @@ import jax
 from jax import lax
 
 from maas_jax import _compat, _provenance
+from maas_jax._interpreter import is_lifted, materialize
 from maas_jax._provenance import Site
 
 
@@ -27,7 +28,7 @@ def _body_fn(interp: Any, region: _provenance.Region, site: Site) -> Callable[..
     closed = region.jaxpr
 
     def body(*args: Any) -> list[Any]:
-        return interp.eval(
+        outs = interp.eval(
             closed.jaxpr,
             closed.consts,
             args,
@@ -35,6 +36,8 @@ def _body_fn(interp: Any, region: _provenance.Region, site: Site) -> Callable[..
             name_stack=site.name_stack,
             regions=(*site.regions, region.kind),
         )
+        # Regions return plain arrays: a pass's value objects do not cross region outputs.
+        return [materialize(o) for o in outs]
 
     return body
 
@@ -44,6 +47,8 @@ def _jit(interp: Any, site: Site, invals: list[Any]) -> list[Any]:
     (region,) = _provenance.regions(eqn, site.in_tags)
     body = _body_fn(interp, region, site)
     old = region.jaxpr
+    if any(is_lifted(v) for v in invals):
+        return list(jax.jit(_named(body, _compat.jit_name(eqn) or "jit"))(*invals))
     new = jax.make_jaxpr(body)(*[_compat.aval_struct(v.aval) for v in old.jaxpr.invars])
     same_signature = not new.consts and [v.aval for v in new.jaxpr.outvars] == [
         v.aval for v in old.jaxpr.outvars
@@ -126,7 +131,7 @@ def _custom(interp: Any, site: Site, invals: list[Any]) -> list[Any]:
         return _body_fn(interp, region, site)(*invals)
     if interp.spec.rule is not None:
         interp.warn_opaque(site)
-    return _compat.bind_eqn(site.eqn, invals)
+    return _compat.bind_eqn(site.eqn, [materialize(v) for v in invals])
 
 
 def _shard_map(interp: Any, site: Site, invals: list[Any]) -> list[Any]:
@@ -141,7 +146,8 @@ def _shard_map(interp: Any, site: Site, invals: list[Any]) -> list[Any]:
         axis_names=opts["axis_names"],
         check_vma=opts["check_vma"],
     )
-    return list(fn(*invals))
+    # Value objects (quantized arrays) would need a spec per leaf: pass plain arrays in.
+    return list(fn(*[materialize(v) for v in invals]))
 
 
 HANDLERS: dict[str, Callable[[Any, Site, list[Any]], list[Any]]] = {
