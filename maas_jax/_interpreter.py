@@ -31,6 +31,7 @@ from maas_jax._errors import (
     RewriteError,
     UnsupportedPrimitiveError,
 )
+from maas_jax._liveness import live_equations, used_operands
 from maas_jax._program import ParamRef, Program
 from maas_jax._provenance import Site, Tag
 
@@ -223,11 +224,18 @@ class Interpreter:
         """Whether the rule or dead-code removal has anything to do inside ``eqn``'s regions."""
         key = id(eqn)
         if key not in self._touches_cache:
-            self._touches_cache[key] = any(self._jaxpr_touched(j) for j in _compat.sub_jaxprs(eqn))
+            self._touches_cache[key] = (
+                self.spec.drop_dead
+                and _compat.hop_kind(eqn) is not None
+                and not all(used_operands(eqn))
+            ) or any(self._jaxpr_touched(j) for j in _compat.sub_jaxprs(eqn))
         return self._touches_cache[key]
 
     def _jaxpr_touched(self, jaxpr: jcore.Jaxpr) -> bool:
-        if self.spec.drop_dead and not all(_live_equations(jaxpr)):
+        if self.spec.drop_dead and (
+            not all(_live_equations(jaxpr))
+            or any(not all(used_operands(e)) for e in jaxpr.eqns if _compat.hop_kind(e))
+        ):
             return True
         wants = self.spec.wants or (lambda e: e.primitive.name in self.spec.rule_primitives)
         for eqn in jaxpr.eqns:
@@ -236,6 +244,12 @@ class Interpreter:
             if not _provenance.is_marker(eqn) and self._touches(eqn):
                 return True
         return False
+
+    def operand_mask(self, eqn: jcore.JaxprEqn) -> list[bool]:
+        """Which operands a re-emitted region must receive (all, unless dropping dead code)."""
+        if not self.spec.drop_dead:
+            return [True] * len(eqn.invars)
+        return used_operands(eqn)
 
     def warn_opaque(self, site: Site) -> None:
         warnings.warn(
@@ -251,12 +265,4 @@ class Interpreter:
 
 
 def _live_equations(jaxpr: jcore.Jaxpr) -> list[bool]:
-    """Which equations contribute to the outputs or have effects (backward liveness)."""
-    live_vars = {v for v in jaxpr.outvars if not isinstance(v, jcore.Literal)}
-    live = [False] * len(jaxpr.eqns)
-    for k in range(len(jaxpr.eqns) - 1, -1, -1):
-        eqn = jaxpr.eqns[k]
-        if eqn.effects or any(v in live_vars for v in eqn.outvars):
-            live[k] = True
-            live_vars.update(v for v in eqn.invars if not isinstance(v, jcore.Literal))
-    return live
+    return live_equations(jaxpr)

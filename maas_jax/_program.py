@@ -90,6 +90,9 @@ class Program:
     roles: tuple[Role, ...]
     name: str = "program"
     history: tuple[PassRecord, ...] = ()
+    # Structured facts passes leave for later passes (e.g. fake_quant's spec per weight, read
+    # by convert). Treated as immutable: passes copy it before adding to it.
+    meta: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     # -- views ------------------------------------------------------------------------
     @property

@@ -42,13 +42,28 @@ def _body_fn(interp: Any, region: _provenance.Region, site: Site) -> Callable[..
     return body
 
 
+def _used_only(
+    mask: list[bool], fn: Callable[..., Any], invals: list[Any]
+) -> tuple[Callable[..., Any], list[Any]]:
+    """``fn`` taking only the used operands (unused ones are never read: None stands in)."""
+    used = [v for v, m in zip(invals, mask, strict=True) if m]
+
+    def wrapped(*vals: Any) -> Any:
+        it = iter(vals)
+        return fn(*[next(it) if m else None for m in mask])
+
+    return wrapped, used
+
+
 def _jit(interp: Any, site: Site, invals: list[Any]) -> list[Any]:
     eqn = site.eqn
     (region,) = _provenance.regions(eqn, site.in_tags)
     body = _body_fn(interp, region, site)
     old = region.jaxpr
-    if any(is_lifted(v) for v in invals):
-        return list(jax.jit(_named(body, _compat.jit_name(eqn) or "jit"))(*invals))
+    mask = interp.operand_mask(eqn)
+    if any(is_lifted(v) for v in invals) or not all(mask):
+        fn, used = _used_only(mask, body, invals)
+        return list(jax.jit(_named(fn, _compat.jit_name(eqn) or "jit"))(*used))
     new = jax.make_jaxpr(body)(*[_compat.aval_struct(v.aval) for v in old.jaxpr.invars])
     same_signature = not new.consts and [v.aval for v in new.jaxpr.outvars] == [
         v.aval for v in old.jaxpr.outvars
@@ -80,10 +95,13 @@ def _scan(interp: Any, site: Site, invals: list[Any]) -> list[Any]:
     body = _body_fn(interp, region, site)
     consts = invals[:n_consts]
     init = tuple(invals[n_consts : n_consts + n_carry])
-    xs = tuple(invals[n_consts + n_carry :])
+    xs_mask = interp.operand_mask(eqn)[n_consts + n_carry :]
+    xs = tuple(x for x, m in zip(invals[n_consts + n_carry :], xs_mask, strict=True) if m)
 
     def step(carry: tuple[Any, ...], x: tuple[Any, ...]) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
-        outs = body(*consts, *carry, *x)
+        it = iter(x)
+        full_x = [next(it) if m else None for m in xs_mask]  # unused slices are never read
+        outs = body(*consts, *carry, *full_x)
         return tuple(outs[:n_carry]), tuple(outs[n_carry:])
 
     carry, ys = lax.scan(step, init, xs, **_compat.scan_options(eqn))
@@ -110,14 +128,18 @@ def _while(interp: Any, site: Site, invals: list[Any]) -> list[Any]:
 def _cond(interp: Any, site: Site, invals: list[Any]) -> list[Any]:
     branches = [_body_fn(interp, r, site) for r in _provenance.regions(site.eqn, site.in_tags)]
     index, *ops = invals
-    return list(lax.switch(index, [lambda *a, b=b: tuple(b(*a)) for b in branches], *ops))
+    mask = interp.operand_mask(site.eqn)[1:]
+    wrapped = [_used_only(mask, lambda *a, b=b: tuple(b(*a)), ops) for b in branches]
+    used = wrapped[0][1]
+    return list(lax.switch(index, [w for w, _ in wrapped], *used))
 
 
 def _remat(interp: Any, site: Site, invals: list[Any]) -> list[Any]:
     (region,) = _provenance.regions(site.eqn, site.in_tags)
     body = _body_fn(interp, region, site)
-    fn = jax.checkpoint(lambda *a: tuple(body(*a)), **_compat.remat_options(site.eqn))
-    return list(fn(*invals))
+    inner, used = _used_only(interp.operand_mask(site.eqn), lambda *a: tuple(body(*a)), invals)
+    fn = jax.checkpoint(inner, **_compat.remat_options(site.eqn))
+    return list(fn(*used))
 
 
 def _custom(interp: Any, site: Site, invals: list[Any]) -> list[Any]:
@@ -138,16 +160,19 @@ def _shard_map(interp: Any, site: Site, invals: list[Any]) -> list[Any]:
     (region,) = _provenance.regions(site.eqn, site.in_tags)
     body = _body_fn(interp, region, site)
     opts = _compat.shard_map_options(site.eqn)
+    mask = interp.operand_mask(site.eqn)
+    inner, used = _used_only(mask, lambda *a: tuple(body(*a)), invals)
+    in_specs = tuple(s for s, m in zip(opts["in_specs"], mask, strict=True) if m)
     fn = jax.shard_map(
-        lambda *a: tuple(body(*a)),
+        inner,
         mesh=opts["mesh"],
-        in_specs=opts["in_specs"],
+        in_specs=in_specs,
         out_specs=opts["out_specs"],
         axis_names=opts["axis_names"],
         check_vma=opts["check_vma"],
     )
     # Value objects (quantized arrays) would need a spec per leaf: pass plain arrays in.
-    return list(fn(*[materialize(v) for v in invals]))
+    return list(fn(*[materialize(v) for v in used]))
 
 
 HANDLERS: dict[str, Callable[[Any, Site, list[Any]], list[Any]]] = {

@@ -7,5 +7,26 @@ object unchanged when it has nothing to do.
 
 from maas_jax.passes.clip import ClipWeights, clip_weights
 from maas_jax.passes.dce import DCE, dce
+from maas_jax.passes.quantize import (
+    Convert,
+    ConvertError,
+    FakeQuant,
+    QuantRule,
+    convert,
+    convert_params,
+    fake_quant,
+)
 
-__all__ = ["ClipWeights", "DCE", "clip_weights", "dce"]
+__all__ = [
+    "DCE",
+    "ClipWeights",
+    "Convert",
+    "ConvertError",
+    "FakeQuant",
+    "QuantRule",
+    "clip_weights",
+    "convert",
+    "convert_params",
+    "dce",
+    "fake_quant",
+]

@@ -1,8 +1,9 @@
 """``dce``: dead code elimination, through regions.
 
 Equations whose results reach no output and that have no effects are dropped, at the top level
-and inside jit, scan, while, cond, remat and shard_map bodies. Region *outputs* are kept (the
-region's signature is not changed); custom_jvp/custom_vjp bodies are left as they are.
+and inside jit, scan, while, cond, remat and shard_map bodies, and so are region *inputs* that
+nothing inside reads (scan ``xs``, closed-over constants, jit/remat/cond/shard_map operands).
+Region outputs and loop carries are kept; custom_jvp/custom_vjp bodies are left as they are.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from jax.extend import core as jcore
 
 from maas_jax import PassRecord, Program, Rewrite, rewrite
 from maas_jax._compat import hop_kind, sub_jaxprs
-from maas_jax._interpreter import _live_equations
+from maas_jax._liveness import live_equations, used_operands
 from maas_jax._provenance import is_marker
 
 _OPAQUE_KINDS = (None, "custom_jvp", "custom_vjp")
@@ -21,10 +22,11 @@ _OPAQUE_KINDS = (None, "custom_jvp", "custom_vjp")
 
 def count_dead(jaxpr: jcore.Jaxpr) -> int:
     """Dead equations in ``jaxpr`` and the regions dce can rewrite."""
-    live = _live_equations(jaxpr)
+    live = live_equations(jaxpr)
     n = live.count(False)
     for eqn, alive in zip(jaxpr.eqns, live, strict=True):
         if alive and hop_kind(eqn) not in _OPAQUE_KINDS and not is_marker(eqn):
+            n += used_operands(eqn).count(False)  # region inputs nothing inside reads
             n += sum(count_dead(j) for j in sub_jaxprs(eqn))
     return n
 

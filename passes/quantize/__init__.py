@@ -1,0 +1,18 @@
+"""Quantization passes: ``fake_quant`` (QAT/PTQ simulation) and ``convert`` (integer programs).
+
+The numerics (formats, scales, quantize/dequantize, int4 packing) live in
+:mod:`maas_jax.passes.quantize.numerics`.
+"""
+
+from maas_jax.passes.quantize.convert import Convert, ConvertError, convert, convert_params
+from maas_jax.passes.quantize.fake_quant import FakeQuant, QuantRule, fake_quant
+
+__all__ = [
+    "Convert",
+    "ConvertError",
+    "FakeQuant",
+    "QuantRule",
+    "convert",
+    "convert_params",
+    "fake_quant",
+]

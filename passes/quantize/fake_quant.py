@@ -1,0 +1,317 @@
+"""``fake_quant``: quantize weights at their entry and activations at their consumers.
+
+Weights are quantized once, where the parameter enters the program (so tied and scan-stacked
+weights and every use see the same integers), with scale axes derived from how the weight is
+consumed: per-channel means one scale per output channel, shared over the axes every
+contraction consuming the weight contracts (read from the dimension numbers, mapped back
+through transposes, casts and scan slicing). Activations feeding a contraction with a quantized
+weight are quantized there: per token (dynamic) over the contracted axes.
+
+The forward of a contraction with integer operands runs on the integers (``s8 x s8 -> s32``,
+then one rescale), which is what :func:`convert` keeps; the backward is a straight-through
+estimator (gradients of the float contraction at the fake-quantized operands), so QAT trains
+with optax and the QAT forward equals the PTQ/converted forward bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from maas_jax.passes.quantize import qarray as qa
+from maas_jax.passes.quantize.numerics import QuantSpec, get_format, make_spec
+
+from maas_jax import PassRecord, Program, Rewrite, SelectionError, UnusedRuleWarning, rewrite
+from maas_jax._compat import CONTRACTION_PRIMITIVES
+from maas_jax._provenance import map_dims_to_param
+from maas_jax._select import ParamInfo, param_infos, predicate
+
+_VIEWS = frozenset({"transpose", "convert_element_type", "copy", "copy_p", "pvary"})
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QuantRule:
+    """How to quantize the parameters ``where`` selects (first matching rule wins).
+
+    Args:
+      where: path regex, ``maas_jax.Op``, callable ``(path, info) -> bool``, tuple of these, or
+        None for every floating weight consumed by a dot_general / convolution.
+      weight: weight format: ``"int2"``..``"int8"``, ``"fp8_e4m3"``, ``"fp8_e5m2"``.
+      act: activation format for contractions with these weights, or None (weight-only).
+      granularity: ``"per_channel"`` (default) or ``"per_tensor"``.
+      tile_size: sub-channel groups of this size along the contracted axis.
+      symmetric: absmax scales (True) or min/max with a zero point (False), for weights.
+      act_symmetric: the same for activations.
+    """
+
+    where: Any = None
+    weight: str = "int8"
+    act: str | None = None
+    granularity: str = "per_channel"
+    tile_size: int | None = None
+    symmetric: bool = True
+    act_symmetric: bool = True
+
+    def __post_init__(self) -> None:
+        for what, fmt in (("weight", self.weight), ("act", self.act)):
+            if fmt is None and what == "act":
+                continue
+            try:
+                get_format(fmt)
+            except ValueError as e:
+                raise ValueError(f"fake_quant: {what}={fmt!r}: {e}") from None
+        if self.granularity not in ("per_channel", "per_tensor"):
+            raise ValueError(
+                f"fake_quant: granularity must be 'per_channel' or 'per_tensor', got "
+                f"{self.granularity!r}"
+            )
+        if self.tile_size is not None and (
+            not isinstance(self.tile_size, int) or self.tile_size < 1
+        ):
+            raise ValueError(
+                f"fake_quant: tile_size must be a positive int, got {self.tile_size!r}"
+            )
+        for fmt, sym, what in (
+            (self.weight, self.symmetric, "weight"),
+            (self.act, self.act_symmetric, "act"),
+        ):
+            if fmt is not None and not sym and get_format(fmt).is_float:
+                raise ValueError(
+                    f"fake_quant: asymmetric {what} quantization needs an integer format; "
+                    f"{fmt!r} has no zero point. Use symmetric=True or an int format."
+                )
+        if isinstance(self.where, list):
+            object.__setattr__(self, "where", tuple(self.where))
+        if self.where is not None:
+            predicate(self.where, what="fake_quant(where=...)")
+
+
+@dataclasses.dataclass(frozen=True)
+class FakeQuant:
+    """The pass :func:`fake_quant` returns."""
+
+    rules: tuple[QuantRule, ...]
+    inline_custom: bool = False
+    name = "fake_quant"
+
+    def __repr__(self) -> str:
+        extra = ", inline_custom=True" if self.inline_custom else ""
+        return f"fake_quant(rules={self.rules!r}{extra})"
+
+    def __call__(self, program: Program) -> Program:
+        plan = plan_quantization(program, self.rules, config=repr(self))
+        if not plan:
+            return program
+        markers = {path: qa.make_marker(spec) for path, (spec, _) in plan.items()}
+        entry = {
+            path: (
+                lambda w, path=path: qa.quantize_weight_at_entry(
+                    w, plan[path][0], path, markers[path]
+                )
+            )
+            for path in plan
+        }
+        spec = Rewrite(
+            self.name,
+            entry=entry,
+            entry_marked=False,  # make_marker names its own region
+            rule=make_rule({p: rule for p, (_, rule) in plan.items()}),
+            rule_primitives=frozenset(CONTRACTION_PRIMITIVES | _VIEWS),
+            wants=lambda eqn: eqn.primitive.name in CONTRACTION_PRIMITIVES,
+            inline_custom=self.inline_custom,
+        )
+        new = rewrite(program, spec)
+        notes = tuple(
+            f"{p}: {s.fmt.name} reduce_axes={s.reduce_axes}" for p, (s, _) in plan.items()
+        )
+        record = PassRecord(self.name, repr(self), tuple(plan), notes)
+        meta = dict(program.meta)
+        meta["fake_quant"] = {**meta.get("fake_quant", {}), **{p: s for p, (s, _) in plan.items()}}
+        return program.with_record(record, jaxpr=new, meta=meta)
+
+
+def fake_quant(
+    weight: str = "int8",
+    act: str | None = None,
+    *,
+    where: Any = None,
+    granularity: str = "per_channel",
+    tile_size: int | None = None,
+    symmetric: bool = True,
+    act_symmetric: bool = True,
+    rules: Any = None,
+    inline_custom: bool = False,
+) -> FakeQuant:
+    """Fake-quantize weights (at entry) and activations (at contractions).
+
+    Either give one rule through the keyword arguments (see :class:`QuantRule`), or a list of
+    ``rules=[QuantRule(...), ...]`` tried in order (first match wins; rules that select nothing
+    raise an ``UnusedRuleWarning``). Contractions inside custom_jvp/custom_vjp regions see the
+    dequantized weight (an ``OpaqueRegionWarning`` says so) unless ``inline_custom=True``.
+
+    >>> import jax, jax.numpy as jnp
+    >>> import maas_jax
+    >>> from maas_jax import passes
+    >>> w = jnp.array([[0.5, -1.0], [0.25, 2.0]])
+    >>> prog = maas_jax.trace(lambda p, x: x @ p["w"], {"w": w}, jnp.ones((1, 2)))
+    >>> w8a8 = passes.fake_quant("int8", act="int8")(prog)
+    >>> w8a8({"w": w}, jnp.ones((1, 2))).round(3).tolist()
+    [[0.75, 1.0]]
+    """
+    if rules is None:
+        rules = (
+            QuantRule(
+                where=where,
+                weight=weight,
+                act=act,
+                granularity=granularity,
+                tile_size=tile_size,
+                symmetric=symmetric,
+                act_symmetric=act_symmetric,
+            ),
+        )
+    rules = tuple(rules)
+    if not rules or not all(isinstance(r, QuantRule) for r in rules):
+        raise TypeError("fake_quant(rules=...) takes a non-empty list of QuantRule")
+    return FakeQuant(rules, inline_custom)
+
+
+# ---- planning: which parameters, which axes -------------------------------------------
+
+
+def plan_quantization(
+    program: Program, rules: tuple[QuantRule, ...], *, config: str
+) -> dict[str, tuple[QuantSpec, QuantRule]]:
+    """For every selected parameter: its quantization spec (axes from its consumers) and rule."""
+    infos = param_infos(program)
+    preds = [
+        (lambda info: info.is_weight)
+        if r.where is None
+        else predicate(r.where, what="fake_quant(where=...)")
+        for r in rules
+    ]
+    done = {p for rec in program.history if rec.name == "fake_quant" for p in rec.touched}
+    plan: dict[str, tuple[QuantSpec, QuantRule]] = {}
+    used = set()
+    for info in infos:
+        already = info.path in done  # its uses now read integers: the default predicate fails
+        for k, pred in enumerate(preds):
+            if pred(info) or (already and rules[k].where is None):
+                used.add(k)
+                if not already:
+                    plan[info.path] = (_spec_for(info, rules[k], k), rules[k])
+                break
+    unused = [k for k in range(len(rules)) if k not in used]
+    if unused:
+        warnings.warn(
+            f"fake_quant: rule(s) {', '.join(f'{k} ({rules[k].where!r})' for k in unused)} "
+            f"matched no parameter of {program.name!r}",
+            UnusedRuleWarning,
+            stacklevel=3,
+        )
+    return plan
+
+
+def _spec_for(info: ParamInfo, rule: QuantRule, k: int) -> QuantSpec:
+    path, ndim = info.path, len(info.shape)
+    if not jnp.issubdtype(info.dtype, jnp.floating):
+        raise TypeError(
+            f"fake_quant: rule {k} selects {path!r}, which is {info.dtype}; only floating "
+            "parameters can be quantized. Narrow `where=`."
+        )
+    opaque = [u for u in info.uses if u.opaque]
+    if opaque:
+        raise SelectionError(
+            f"fake_quant: {path!r} flows into `{opaque[0].primitive}` at {opaque[0].source}, "
+            "whose body maas_jax cannot see into; exclude it with `where=`."
+        )
+    stacked = max((u.sliced for u in info.uses), default=0)  # leading scan axes: per layer
+    contract: set[int] = set()
+    for use in info.uses:
+        if use.primitive not in CONTRACTION_PRIMITIVES:
+            continue
+        dims = _contracted_dims(use)
+        mapped = map_dims_to_param(dims, use.views)
+        if any(d is None for d in mapped):
+            contract = set(range(stacked, ndim))  # cannot tell: fall back to per-tensor
+            break
+        contract.update(d for d in mapped if d is not None)
+    if rule.granularity == "per_tensor" or not contract:
+        reduce_axes = tuple(range(stacked, ndim))
+    else:
+        reduce_axes = tuple(sorted(contract))
+    tile = None
+    if rule.tile_size is not None:
+        axes = sorted(contract) if contract else list(reduce_axes)
+        if len(axes) != 1 and rule.granularity != "per_tensor":
+            # Several contracted axes (convolution kernels): tile the largest one.
+            axes = [max(axes, key=lambda a: info.shape[a])]
+        axis = axes[-1]
+        if info.shape[axis] % rule.tile_size:
+            raise ValueError(
+                f"fake_quant: rule {k} tile_size {rule.tile_size} does not divide axis {axis} "
+                f"(size {info.shape[axis]}) of {path!r} (shape {tuple(info.shape)})"
+            )
+        tile = (axis, rule.tile_size)
+    return make_spec(rule.weight, reduce_axes, ndim, symmetric=rule.symmetric, tile=tile)
+
+
+def _contracted_dims(use: Any) -> tuple[int, ...]:
+    dims = dict(use.dims)
+    if use.primitive == "dot_general":
+        return tuple(dims["contracting"][use.operand])
+    rhs_spec = dims["rhs_spec"]
+    lhs_spec = dims["lhs_spec"]
+    if use.operand == 1:
+        return tuple(rhs_spec[1:])  # input features and spatial axes
+    return tuple(lhs_spec[1:])
+
+
+# ---- the per-equation rule --------------------------------------------------------------
+
+
+def make_rule(rules_by_path: dict[str, QuantRule]) -> Any:
+    def rule(site: Any, invals: list[Any]) -> list[Any] | None:
+        eqn = site.eqn
+        if eqn.primitive.name in _VIEWS:
+            if len(invals) == 1 and isinstance(invals[0], qa.QArray):
+                out = qa.apply_view(eqn, invals[0])
+                return None if out is None else [out]
+            return None
+        quantized = [isinstance(v, qa.QArray) for v in invals[:2]]
+        if not any(quantized):
+            return None
+        weight = invals[0] if quantized[0] else invals[1]
+        qrule = rules_by_path[weight.path]
+        with jax.named_scope(qa.MARKER):
+            return [_contraction(eqn, invals[0], invals[1], qrule)]
+
+    return rule
+
+
+def _contraction(eqn: Any, lhs: Any, rhs: Any, qrule: QuantRule) -> Any:
+    lhs_axes, rhs_axes = qa.contraction_operands_axes(eqn)
+    if qrule.act is None:
+        # Weight-only: the contraction runs in float on the dequantized weight.
+        return qa.float_contraction(eqn, _mat(lhs), _mat(rhs))
+    if not isinstance(lhs, qa.QArray):
+        lhs = qa.quantize_dynamic(lhs, get_format(qrule.act), lhs_axes, qrule.act_symmetric)
+    if not isinstance(rhs, qa.QArray):
+        rhs = qa.quantize_dynamic(rhs, get_format(qrule.act), rhs_axes, qrule.act_symmetric)
+    lhs_dq, rhs_dq = lhs.dequantized(), rhs.dequantized()
+    if qa.int_path_ok(lhs, rhs):
+        exact = qa.int_contraction(eqn, lhs, rhs)
+    else:  # fp8 or sub-channel tiles: emulate on the dequantized values
+        exact = qa.float_contraction(eqn, lhs_dq, rhs_dq)
+    if lhs.orig is None and rhs.orig is None:
+        return exact
+    lhs_f = lhs.orig if lhs.orig is not None else lhs_dq
+    rhs_f = rhs.orig if rhs.orig is not None else rhs_dq
+    return qa.ste_contraction(eqn, exact, lhs_dq, rhs_dq, lhs_f, rhs_f)
+
+
+def _mat(x: Any) -> Any:
+    return x.__maas_materialize__() if isinstance(x, qa.QArray) else x
