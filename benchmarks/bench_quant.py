@@ -1,0 +1,194 @@
+"""maas_jax quantization vs qwix and float, side by side in one run.
+
+1. 4x1024 MLP at batch 256 (CPU): latency of converted w8a8 / int8 weight-only / packed int4
+   weight-only programs vs qwix's PTQ of the same model and vs fp32 — timed in interleaved
+   rounds so machine load hits every variant alike; stored parameter bytes; time from the
+   float model to the first compiled quantized result (cold caches).
+2. all-MiniLM-L6-v2: mean embedding cosine to fp32 over 64 sentences, ours vs qwix, for int8
+   weight-only and w8a8 dynamic.
+3. Digits CNN (sklearn digits): int8 PTQ test accuracy vs float; conv weight-only and w4a8
+   (qwix rejects both on convolutions).
+
+    python benchmarks/bench_quant.py [--quick] [--out benchmarks/results/quant.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import qwix_baseline as qb  # noqa: E402
+
+import maas_jax  # noqa: E402
+from maas_jax import passes  # noqa: E402
+
+MODES = {  # label -> fake_quant kwargs (ours) and qwix (weight_qtype, act_qtype)
+    "w8a8": (dict(weight="int8", act="int8"), ("int8", "int8")),
+    "int8 weight-only": (dict(weight="int8"), ("int8", None)),
+    "int4 weight-only": (dict(weight="int4"), ("int4", None)),
+}
+
+
+def ours_int_program(fn, params, *inputs, **quant):
+    """float function -> converted integer program and its stored parameters."""
+    prog = maas_jax.trace(fn, params, *inputs)
+    fq = passes.fake_quant(**quant)(prog)
+    int_prog = passes.convert()(fq)
+    return int_prog, passes.convert_params(int_prog, fq, params), fq
+
+
+def interleaved(fns: dict[str, tuple], rounds: int, reps: int) -> dict[str, dict]:
+    """Median/min/max per variant, timing each variant for ``reps`` calls per round in turn."""
+    times = {k: [] for k in fns}
+    for fn, args in fns.values():
+        jax.block_until_ready(fn(*args))  # compile + warm
+    for _ in range(rounds):
+        for name, (fn, args) in fns.items():
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                jax.block_until_ready(fn(*args))
+                times[name].append(time.perf_counter() - t0)
+    return {
+        k: {"median_ms": 1e3 * statistics.median(v), "min_ms": 1e3 * min(v), "max_ms": 1e3 * max(v)}
+        for k, v in times.items()
+    }
+
+
+def mlp_section(quick: bool) -> dict:
+    model, params, x = qb.make_mlp(batch=64 if quick else 256)
+    fns = {"fp32": (jax.jit(model.apply), (params, x))}
+    bytes_ = {"fp32": qb.param_bytes(params)}
+    err = {}
+    ref = np.asarray(model.apply(params, x))
+    for label, (ours, (wq, aq)) in MODES.items():
+        int_prog, stored, _ = ours_int_program(model.apply, params, x, **ours)
+        fns[f"maas_jax {label}"] = (jax.jit(int_prog), (stored, x))
+        bytes_[f"maas_jax {label}"] = qb.param_bytes(stored)
+        out = np.asarray(int_prog(stored, x))
+        err[f"maas_jax {label}"] = float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+        if qb.available():
+            apply_fn, qvars, _ = qb.qwix_ptq(model, params, x, weight_qtype=wq, act_qtype=aq)
+            fns[f"qwix {label}"] = (jax.jit(apply_fn), (qvars, x))
+            bytes_[f"qwix {label}"] = qb.param_bytes(qvars)
+            out = np.asarray(apply_fn(qvars, x))
+            err[f"qwix {label}"] = float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+    lat = interleaved(fns, rounds=2 if quick else 10, reps=3 if quick else 10)
+
+    def first_ours():
+        int_prog, stored, _ = ours_int_program(model.apply, params, x, weight="int8", act="int8")
+        return jax.jit(int_prog)(stored, x)
+
+    first = {"maas_jax w8a8": qb.time_to_first_result(first_ours)}
+    if qb.available():
+
+        def first_qwix():
+            apply_fn, qvars, _ = qb.qwix_ptq(
+                model, params, x, weight_qtype="int8", act_qtype="int8"
+            )
+            return jax.jit(apply_fn)(qvars, x)
+
+        first["qwix w8a8"] = qb.time_to_first_result(first_qwix)
+    return {
+        "shape": {"batch": int(x.shape[0]), "width": 1024, "layers": 4},
+        "latency": lat,
+        "bytes": bytes_,
+        "bytes_ratio_to_fp32": {k: v / bytes_["fp32"] for k, v in bytes_.items()},
+        "relative_error_to_fp32": err,
+        "model_to_first_result_s": first,
+    }
+
+
+def minilm_section(n: int) -> dict:
+    from maas_jax.models.minilm import load_minilm
+    from maas_jax.models.sentences import SENTENCES
+
+    model, variables, tokenizer, embed_fn = load_minilm()
+    batch = tokenizer.encode(list(SENTENCES[:n]))
+    args = (batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+    ref = np.asarray(jax.jit(embed_fn)(variables, *args))
+    out = {}
+    for label in ("w8a8", "int8 weight-only"):
+        ours, (wq, aq) = MODES[label]
+        int_prog, stored, _ = ours_int_program(embed_fn, variables, *args, **ours)
+        emb = np.asarray(jax.jit(int_prog)(stored, *args))
+        out[f"maas_jax {label}"] = float(np.mean(np.sum(emb * ref, -1)))
+        if qb.available():
+            out[f"qwix {label}"] = qb.qwix_minilm_cosine(wq, aq, num_sentences=n)
+    return {"sentences": n, "mean_cosine_to_fp32": out}
+
+
+def digits_section() -> dict:
+    from maas_jax.models import digits
+
+    model, variables, (x_tr, y_tr, x_te, y_te) = digits.pretrained("cnn_bn")
+    apply_fn = digits.make_apply(model)
+    base = digits.accuracy(apply_fn, variables, x_te, y_te)
+    res = {"float": base}
+    for label, quant in (
+        ("int8 w8a8", dict(weight="int8", act="int8")),
+        ("int8 weight-only (conv too)", dict(weight="int8")),
+        ("w4a8 (conv too)", dict(weight="int4", act="int8")),
+    ):
+        # fake-quant == converted bit for bit (tests), so the fake-quant program is scored.
+        prog = maas_jax.trace(apply_fn, variables, x_te)
+        fq = passes.fake_quant(**quant)(prog)
+        res[label] = digits.accuracy(jax.jit(fq), variables, x_te, y_te)
+    res["drop_points_int8_w8a8"] = 100 * (base - res["int8 w8a8"])
+    return res
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", type=Path)
+    ns = ap.parse_args(argv)
+    res = {
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": __import__("os").cpu_count(),
+            "jax": jax.__version__,
+            "qwix": __import__("importlib.metadata").metadata.version("qwix")
+            if qb.available()
+            else None,
+        },
+        "command": "python " + " ".join(sys.argv),
+    }
+    res["mlp"] = mlp_section(ns.quick)
+    m = res["mlp"]
+    print(f"4x1024 MLP, batch {m['shape']['batch']}:")
+    for k, v in m["latency"].items():
+        print(
+            f"  {k:<28} {v['median_ms']:7.2f} ms  (min {v['min_ms']:.2f})  "
+            f"bytes {m['bytes_ratio_to_fp32'][k]:.3f} x fp32  "
+            f"rel.err {m['relative_error_to_fp32'].get(k, 0.0):.4f}"
+        )
+    for k, v in m["model_to_first_result_s"].items():
+        print(f"  model -> first result, {k:<16} {v:.3f} s")
+    if not ns.quick:
+        res["minilm"] = minilm_section(64)
+        print("all-MiniLM-L6-v2, 64 sentences, mean cosine to fp32:")
+        for k, v in res["minilm"]["mean_cosine_to_fp32"].items():
+            print(f"  {k:<28} {v:.6f}")
+        res["digits"] = digits_section()
+        print("digits CNN (BatchNorm, not folded) test accuracy:")
+        for k, v in res["digits"].items():
+            print(f"  {k:<28} {v:.4f}")
+    if ns.out:
+        ns.out.write_text(json.dumps(res, indent=2) + "\n")
+        print(f"wrote {ns.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
