@@ -41,6 +41,36 @@ Rule = Callable[[Site, list[Any]], "list[Any] | None"]
 
 
 @dataclasses.dataclass(frozen=True)
+class SideOutput:
+    """A statistic a rule emits: its shape/dtype, how values merge, and the merge identity."""
+
+    shape: tuple[int, ...]
+    dtype: Any
+    merge: str  # "max" | "min" | "sum"
+    identity: float
+
+    def combine(self, a: Any, b: Any) -> Any:
+        import jax.numpy as jnp
+
+        return {"max": jnp.maximum, "min": jnp.minimum, "sum": jnp.add}[self.merge](a, b)
+
+    def neutral(self) -> Any:
+        import jax.numpy as jnp
+
+        return jnp.full(self.shape, self.identity, self.dtype)
+
+
+_ACTIVE: list[Interpreter] = []
+
+
+def emit(key: Any, value: Any) -> None:
+    """Called by a rule: add ``value`` to side output ``key`` of the running rewrite."""
+    if not _ACTIVE:
+        raise RuntimeError("maas_jax.emit called outside a rewrite with side outputs")
+    _ACTIVE[-1].emit(key, value)
+
+
+@dataclasses.dataclass(frozen=True)
 class Rewrite:
     """What one rewrite does. Built by passes; see :func:`rewrite`."""
 
@@ -52,6 +82,10 @@ class Rewrite:
     # Which equations make the engine enter a region to reach them (default: those in
     # rule_primitives). Narrow it when the rule only cares about a few of those equations.
     wants: Callable[[jcore.JaxprEqn], bool] | None = None
+    # Side outputs (observer statistics): the rule calls ``emit(key, value)``; values leave
+    # every region (as extra outputs / loop carries) merged as ``side_outputs[key]`` says.
+    side_outputs: Mapping[Any, SideOutput] = dataclasses.field(default_factory=dict)
+    side_key: Callable[[jcore.JaxprEqn], Any] | None = None  # which equation emits which key
     drop_dead: bool = False
     force_recurse: bool = False  # re-emit every region even if nothing inside changes (tests)
     inline_custom: bool = False  # inline custom_jvp/custom_vjp bodies so rules reach inside
@@ -70,31 +104,70 @@ def rewrite(program: Program, spec: Rewrite) -> jcore.ClosedJaxpr:
     """
     interp = Interpreter(spec)
     closed = program.jaxpr
+    entry = _entry_applier(program, spec)
+
+    def run(*flat: Any) -> list[Any]:
+        vals, in_tags = entry(flat)
+        return [materialize(v) for v in interp.eval(closed.jaxpr, closed.consts, vals, in_tags)]
+
+    structs = [_compat.aval_struct(v.aval) for v in closed.jaxpr.invars]
+    return jax.make_jaxpr(run)(*structs)
+
+
+def _entry_applier(program: Program, spec: Rewrite) -> Callable[[Any], tuple[list, list]]:
+    """A function applying ``spec.entry`` to the flat inputs; returns values and tags."""
     tags = _provenance.initial_tags(program)
     marker = f"{_provenance.MARKER_PREFIX}{spec.pass_name}"
     # One jitted marker per distinct transform: parameters of equal shape (the layers of a
     # deep model) then hit jax's trace cache instead of re-tracing the transform each time.
     marked: dict[int, Callable[[Any], Any]] = {}
 
-    def run(*flat: Any) -> list[Any]:
+    def apply(flat: Any) -> tuple[list, list]:
         vals = list(flat)
         in_tags = list(tags)
         for i, role in enumerate(program.roles):
             transform = spec.entry.get(role.path) if isinstance(role, ParamRef) else None
-            if transform is not None:
-                if not spec.entry_marked:
-                    vals[i] = transform(vals[i])  # the transform places its own markers
-                    continue
-                if id(transform) not in marked:
-                    marked[id(transform)] = marked_fn(transform, marker)
-                vals[i] = marked[id(transform)](vals[i])
-                t = in_tags[i]
-                if t is not None:
-                    in_tags[i] = dataclasses.replace(t, transforms=(*t.transforms, marker))
-        return [materialize(v) for v in interp.eval(closed.jaxpr, closed.consts, vals, in_tags)]
+            if transform is None:
+                continue
+            if not spec.entry_marked:
+                vals[i] = transform(vals[i])  # the transform places its own markers
+                continue
+            if id(transform) not in marked:
+                marked[id(transform)] = marked_fn(transform, marker)
+            vals[i] = marked[id(transform)](vals[i])
+            t = in_tags[i]
+            if t is not None:
+                in_tags[i] = dataclasses.replace(t, transforms=(*t.transforms, marker))
+        return vals, in_tags
+
+    return apply
+
+
+def rewrite_with_side_outputs(
+    program: Program, spec: Rewrite
+) -> tuple[jcore.ClosedJaxpr, tuple[Any, ...]]:
+    """Like :func:`rewrite`, with the side outputs appended to the outputs (keys in order)."""
+    keys = tuple(sorted(spec.side_outputs, key=repr))
+    interp = Interpreter(spec)
+    closed = program.jaxpr
+    entry = _entry_applier(program, spec)
+
+    def run(*flat: Any) -> list[Any]:
+        _ACTIVE.append(interp)
+        try:
+            vals, in_tags = entry(flat)
+            outs, stats = interp.collect(
+                keys,
+                lambda: [
+                    materialize(v) for v in interp.eval(closed.jaxpr, closed.consts, vals, in_tags)
+                ],
+            )
+        finally:
+            _ACTIVE.pop()
+        return [*outs, *stats]
 
     structs = [_compat.aval_struct(v.aval) for v in closed.jaxpr.invars]
-    return jax.make_jaxpr(run)(*structs)
+    return jax.make_jaxpr(run)(*structs), keys
 
 
 def marked_fn(transform: Callable[[Any], Any], marker: str) -> Callable[[Any], Any]:
@@ -135,6 +208,50 @@ class Interpreter:
     def __init__(self, spec: Rewrite):
         self.spec = spec
         self._touches_cache: dict[int, bool] = {}
+        self._frames: list[dict[Any, Any]] = [{}]
+        self._keys_cache: dict[int, tuple[Any, ...]] = {}
+
+    # -- side outputs ---------------------------------------------------------------------
+    def emit(self, key: Any, value: Any) -> None:
+        frame = self._frames[-1]
+        side = self.spec.side_outputs[key]
+        frame[key] = side.combine(frame[key], value) if key in frame else value
+
+    def collect(self, keys: tuple[Any, ...], fn: Callable[[], Any]) -> tuple[Any, tuple[Any, ...]]:
+        """Run ``fn`` in a fresh frame; return its result and the frame's values for ``keys``."""
+        self._frames.append({})
+        try:
+            out = fn()
+        finally:
+            frame = self._frames.pop()
+        sides = self.spec.side_outputs
+        return out, tuple(frame[k] if k in frame else sides[k].neutral() for k in keys)
+
+    def emit_all(self, keys: tuple[Any, ...], values: Any) -> None:
+        for k, v in zip(keys, values, strict=True):
+            self.emit(k, v)
+
+    def region_keys(self, eqn: jcore.JaxprEqn) -> tuple[Any, ...]:
+        """Side-output keys emitted by equations inside ``eqn``'s regions (recursively)."""
+        if self.spec.side_key is None:
+            return ()
+        key = id(eqn)
+        if key not in self._keys_cache:
+            found: list[Any] = []
+
+            def visit(jaxpr: jcore.Jaxpr) -> None:
+                for e in jaxpr.eqns:
+                    k = self.spec.side_key(e)
+                    if k is not None and k not in found:
+                        found.append(k)
+                    if _compat.hop_kind(e) not in (None, "custom_jvp", "custom_vjp"):
+                        for sub in _compat.sub_jaxprs(e):
+                            visit(sub)
+
+            for sub in _compat.sub_jaxprs(eqn):
+                visit(sub)
+            self._keys_cache[key] = tuple(sorted(found, key=repr))
+        return self._keys_cache[key]
 
     # -- the main loop --------------------------------------------------------------
     def eval(
@@ -218,7 +335,7 @@ class Interpreter:
     def _recurse_into(self, eqn: jcore.JaxprEqn) -> bool:
         if self.spec.force_recurse:
             return True
-        return self._touches(eqn)
+        return self._touches(eqn) or bool(self.region_keys(eqn))
 
     def _touches(self, eqn: jcore.JaxprEqn) -> bool:
         """Whether the rule or dead-code removal has anything to do inside ``eqn``'s regions."""

@@ -20,6 +20,7 @@ import jax
 from jax import lax
 
 from maas_jax import _compat, _provenance
+from maas_jax._errors import MaasError
 from maas_jax._interpreter import is_lifted, materialize
 from maas_jax._provenance import Site
 
@@ -61,9 +62,17 @@ def _jit(interp: Any, site: Site, invals: list[Any]) -> list[Any]:
     body = _body_fn(interp, region, site)
     old = region.jaxpr
     mask = interp.operand_mask(eqn)
+    keys = interp.region_keys(eqn)
+    name = _compat.jit_name(eqn) or "jit"
+    if keys:  # statistics leave the jit as extra outputs
+        fn, used = _used_only(mask, body, invals)
+        side = _named(lambda *a: interp.collect(keys, lambda: fn(*a)), name)
+        outs, stats = jax.jit(side)(*used)
+        interp.emit_all(keys, stats)
+        return list(outs)
     if any(is_lifted(v) for v in invals) or not all(mask):
         fn, used = _used_only(mask, body, invals)
-        return list(jax.jit(_named(fn, _compat.jit_name(eqn) or "jit"))(*used))
+        return list(jax.jit(_named(fn, name))(*used))
     new = jax.make_jaxpr(body)(*[_compat.aval_struct(v.aval) for v in old.jaxpr.invars])
     same_signature = not new.consts and [v.aval for v in new.jaxpr.outvars] == [
         v.aval for v in old.jaxpr.outvars
@@ -98,13 +107,21 @@ def _scan(interp: Any, site: Site, invals: list[Any]) -> list[Any]:
     xs_mask = interp.operand_mask(eqn)[n_consts + n_carry :]
     xs = tuple(x for x, m in zip(invals[n_consts + n_carry :], xs_mask, strict=True) if m)
 
-    def step(carry: tuple[Any, ...], x: tuple[Any, ...]) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    keys = interp.region_keys(eqn)
+    sides = [interp.spec.side_outputs[k] for k in keys]
+
+    def step(carry_ext: Any, x: tuple[Any, ...]) -> tuple[Any, tuple[Any, ...]]:
+        carry, stats = carry_ext
         it = iter(x)
         full_x = [next(it) if m else None for m in xs_mask]  # unused slices are never read
-        outs = body(*consts, *carry, *full_x)
-        return tuple(outs[:n_carry]), tuple(outs[n_carry:])
+        outs, new = interp.collect(keys, lambda: body(*consts, *carry, *full_x))
+        # Statistics of every iteration merge into a carry (e.g. the max over layers).
+        merged = tuple(sd.combine(a, b) for sd, a, b in zip(sides, stats, new, strict=True))
+        return (tuple(outs[:n_carry]), merged), tuple(outs[n_carry:])
 
-    carry, ys = lax.scan(step, init, xs, **_compat.scan_options(eqn))
+    init_stats = tuple(sd.neutral() for sd in sides)
+    (carry, stats), ys = lax.scan(step, (init, init_stats), xs, **_compat.scan_options(eqn))
+    interp.emit_all(keys, stats)
     return [*carry, *ys]
 
 
@@ -117,11 +134,20 @@ def _while(interp: Any, site: Site, invals: list[Any]) -> list[Any]:
     cond_consts = invals[:n_cond]
     body_consts = invals[n_cond : n_cond + n_body]
     init = tuple(invals[n_cond + n_body :])
-    out = lax.while_loop(
-        lambda c: cond(*cond_consts, *c)[0],
-        lambda c: tuple(body(*body_consts, *c)),
-        init,
+    keys = interp.region_keys(eqn)
+    sides = [interp.spec.side_outputs[k] for k in keys]
+
+    def step(ce: Any) -> Any:
+        c, stats = ce
+        outs, new = interp.collect(keys, lambda: tuple(body(*body_consts, *c)))
+        return outs, tuple(sd.combine(a, b) for sd, a, b in zip(sides, stats, new, strict=True))
+
+    out, stats = lax.while_loop(
+        lambda ce: cond(*cond_consts, *ce[0])[0],
+        step,
+        (init, tuple(sd.neutral() for sd in sides)),
     )
+    interp.emit_all(keys, stats)
     return list(out)
 
 
@@ -129,17 +155,32 @@ def _cond(interp: Any, site: Site, invals: list[Any]) -> list[Any]:
     branches = [_body_fn(interp, r, site) for r in _provenance.regions(site.eqn, site.in_tags)]
     index, *ops = invals
     mask = interp.operand_mask(site.eqn)[1:]
-    wrapped = [_used_only(mask, lambda *a, b=b: tuple(b(*a)), ops) for b in branches]
+    keys = interp.region_keys(site.eqn)
+
+    def branch_fn(b: Callable[..., Any]) -> Callable[..., Any]:
+        # Every branch returns every key (untaken sites give the merge identity).
+        return lambda *a: interp.collect(keys, lambda: tuple(b(*a)))
+
+    wrapped = [_used_only(mask, branch_fn(b), ops) for b in branches]
     used = wrapped[0][1]
-    return list(lax.switch(index, [w for w, _ in wrapped], *used))
+    outs, stats = lax.switch(index, [w for w, _ in wrapped], *used)
+    interp.emit_all(keys, stats)
+    return list(outs)
 
 
 def _remat(interp: Any, site: Site, invals: list[Any]) -> list[Any]:
     (region,) = _provenance.regions(site.eqn, site.in_tags)
     body = _body_fn(interp, region, site)
-    inner, used = _used_only(interp.operand_mask(site.eqn), lambda *a: tuple(body(*a)), invals)
+    keys = interp.region_keys(site.eqn)
+    inner, used = _used_only(
+        interp.operand_mask(site.eqn),
+        lambda *a: interp.collect(keys, lambda: tuple(body(*a))),
+        invals,
+    )
     fn = jax.checkpoint(inner, **_compat.remat_options(site.eqn))
-    return list(fn(*used))
+    outs, stats = fn(*used)
+    interp.emit_all(keys, stats)
+    return list(outs)
 
 
 def _custom(interp: Any, site: Site, invals: list[Any]) -> list[Any]:
@@ -160,6 +201,11 @@ def _shard_map(interp: Any, site: Site, invals: list[Any]) -> list[Any]:
     (region,) = _provenance.regions(site.eqn, site.in_tags)
     body = _body_fn(interp, region, site)
     opts = _compat.shard_map_options(site.eqn)
+    if interp.region_keys(site.eqn):
+        raise MaasError(
+            f"{interp.spec.pass_name}: statistics cannot yet be collected inside the shard_map "
+            f"at {site.source}; use dynamic activation quantization for the layers inside it."
+        )
     mask = interp.operand_mask(site.eqn)
     inner, used = _used_only(mask, lambda *a: tuple(body(*a)), invals)
     in_specs = tuple(s for s, m in zip(opts["in_specs"], mask, strict=True) if m)

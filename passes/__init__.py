@@ -8,16 +8,20 @@ object unchanged when it has nothing to do.
 from maas_jax.passes.clip import ClipWeights, clip_weights
 from maas_jax.passes.dce import DCE, dce
 from maas_jax.passes.quantize import (
+    CalibrationError,
     Convert,
     ConvertError,
     FakeQuant,
     QuantRule,
+    calibrate,
     convert,
     convert_params,
     fake_quant,
 )
 
 __all__ = [
+    "CalibrationError",
+    "calibrate",
     "DCE",
     "ClipWeights",
     "Convert",

@@ -4,10 +4,13 @@ The numerics (formats, scales, quantize/dequantize, int4 packing) live in
 :mod:`maas_jax.passes.quantize.numerics`.
 """
 
-from maas_jax.passes.quantize.convert import Convert, ConvertError, convert, convert_params
+from maas_jax.passes.quantize.calibration import CalibrationError, calibrate
+from maas_jax.passes.quantize.conversion import Convert, ConvertError, convert, convert_params
 from maas_jax.passes.quantize.fake_quant import FakeQuant, QuantRule, fake_quant
 
 __all__ = [
+    "CalibrationError",
+    "calibrate",
     "Convert",
     "ConvertError",
     "FakeQuant",

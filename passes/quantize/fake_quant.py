@@ -26,10 +26,13 @@ from maas_jax.passes.quantize.numerics import QuantSpec, get_format, make_spec
 
 from maas_jax import PassRecord, Program, Rewrite, SelectionError, UnusedRuleWarning, rewrite
 from maas_jax._compat import CONTRACTION_PRIMITIVES
-from maas_jax._provenance import map_dims_to_param
+from maas_jax._interpreter import SideOutput, emit, rewrite_with_side_outputs
+from maas_jax._provenance import contraction_sites, map_dims_to_param
 from maas_jax._select import ParamInfo, param_infos, predicate
 
 _VIEWS = frozenset({"transpose", "convert_element_type", "copy", "copy_p", "pvary"})
+CALIBRATIONS = ("minmax", "moving_average", "percentile", "mse", "kl")
+HIST_BINS = 2048
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -45,6 +48,11 @@ class QuantRule:
       tile_size: sub-channel groups of this size along the contracted axis.
       symmetric: absmax scales (True) or min/max with a zero point (False), for weights.
       act_symmetric: the same for activations.
+      act_mode: ``"dynamic"`` (scales from each activation, per token) or ``"static"`` (one
+        per-tensor scale per contraction, from :func:`calibrate`).
+      calibration: how :func:`calibrate` picks a static range: ``"minmax"``,
+        ``"moving_average"``, ``"percentile"``, ``"mse"`` or ``"kl"``.
+      percentile: the percentile of |activation| for ``calibration="percentile"``.
     """
 
     where: Any = None
@@ -54,8 +62,27 @@ class QuantRule:
     tile_size: int | None = None
     symmetric: bool = True
     act_symmetric: bool = True
+    act_mode: str = "dynamic"
+    calibration: str = "minmax"
+    percentile: float = 99.99
 
     def __post_init__(self) -> None:
+        if self.act_mode not in ("dynamic", "static"):
+            raise ValueError(
+                f"fake_quant: act_mode must be 'dynamic' or 'static', got {self.act_mode!r}"
+            )
+        if self.calibration not in CALIBRATIONS:
+            raise ValueError(
+                f"fake_quant: calibration must be one of {', '.join(CALIBRATIONS)}, got "
+                f"{self.calibration!r}"
+            )
+        if not 0 < self.percentile <= 100:
+            raise ValueError(f"fake_quant: percentile must be in (0, 100], got {self.percentile}")
+        if self.act_mode == "static" and (self.act is None or not self.act_symmetric):
+            raise ValueError(
+                "fake_quant: act_mode='static' needs a symmetric activation format (act='int8', "
+                "act_symmetric=True)"
+            )
         for what, fmt in (("weight", self.weight), ("act", self.act)):
             if fmt is None and what == "act":
                 continue
@@ -91,20 +118,44 @@ class QuantRule:
 
 @dataclasses.dataclass(frozen=True)
 class FakeQuant:
-    """The pass :func:`fake_quant` returns."""
+    """The pass :func:`fake_quant` returns.
+
+    ``act_scales`` holds calibrated static activation ranges (``(site, absmax)`` pairs, site =
+    index of the contraction in :func:`maas_jax.contraction_sites` order); :func:`calibrate`
+    fills it.
+    """
 
     rules: tuple[QuantRule, ...]
     inline_custom: bool = False
+    act_scales: tuple[tuple[int, float], ...] | None = None
+    dynamic_sites: tuple[int, ...] = ()  # static sites calibration never saw: per-tensor dynamic
     name = "fake_quant"
 
     def __repr__(self) -> str:
         extra = ", inline_custom=True" if self.inline_custom else ""
+        if self.act_scales is not None:
+            extra += f", act_scales=<{len(self.act_scales)} calibrated sites>"
         return f"fake_quant(rules={self.rules!r}{extra})"
 
     def __call__(self, program: Program) -> Program:
         plan = plan_quantization(program, self.rules, config=repr(self))
         if not plan:
             return program
+        ctx = _RuleContext(plan, program, dict(self.act_scales or ()), observe=None)
+        ctx.dynamic_sites = set(self.dynamic_sites)
+        new = rewrite(program, self._rewrite_spec(plan, ctx))
+        notes = tuple(
+            f"{p}: {s.fmt.name} reduce_axes={s.reduce_axes}" for p, (s, _) in plan.items()
+        )
+        record = PassRecord(self.name, repr(self), tuple(plan), notes)
+        meta = dict(program.meta)
+        meta["fake_quant"] = {**meta.get("fake_quant", {}), **{p: s for p, (s, _) in plan.items()}}
+        meta["fake_quant_pass"] = self
+        meta["fake_quant_base"] = program.meta.get("fake_quant_base", program)
+        meta["uncalibrated_sites"] = tuple(sorted(ctx.uncalibrated))
+        return program.with_record(record, jaxpr=new, meta=meta)
+
+    def _rewrite_spec(self, plan: Any, ctx: _RuleContext, **extra: Any) -> Rewrite:
         markers = {path: qa.make_marker(spec) for path, (spec, _) in plan.items()}
         entry = {
             path: (
@@ -114,23 +165,36 @@ class FakeQuant:
             )
             for path in plan
         }
-        spec = Rewrite(
+        return Rewrite(
             self.name,
             entry=entry,
             entry_marked=False,  # make_marker names its own region
-            rule=make_rule({p: rule for p, (_, rule) in plan.items()}),
+            rule=make_rule(ctx),
             rule_primitives=frozenset(CONTRACTION_PRIMITIVES | _VIEWS),
             wants=lambda eqn: eqn.primitive.name in CONTRACTION_PRIMITIVES,
             inline_custom=self.inline_custom,
+            **extra,
         )
-        new = rewrite(program, spec)
-        notes = tuple(
-            f"{p}: {s.fmt.name} reduce_axes={s.reduce_axes}" for p, (s, _) in plan.items()
+
+    def observer(self, program: Program, observe: str, ranges: dict[int, float] | None = None):
+        """The program's jaxpr returning, after its outputs, activation statistics per static
+        site: ``observe="absmax"`` (max |x|) or ``"hist"`` (counts of |x| in HIST_BINS bins over
+        ``[0, ranges[site]]``). Returns ``(closed_jaxpr, keys)``."""
+        plan = plan_quantization(program, self.rules, config=repr(self), warn=False)
+        ctx = _RuleContext(plan, program, {}, observe=observe, ranges=ranges or {})
+        sites = ctx.static_sites()
+        if observe == "absmax":
+            side = {(k, "absmax"): SideOutput((), jnp.float32, "max", 0.0) for k in sites}
+        else:
+            side = {(k, "hist"): SideOutput((HIST_BINS,), jnp.float32, "sum", 0.0) for k in sites}
+        key_of = {id(e): k for e, k in ctx.site_eqns()}
+        spec = self._rewrite_spec(
+            plan,
+            ctx,
+            side_outputs=side,
+            side_key=lambda e: (key_of[id(e)], observe) if id(e) in key_of else None,
         )
-        record = PassRecord(self.name, repr(self), tuple(plan), notes)
-        meta = dict(program.meta)
-        meta["fake_quant"] = {**meta.get("fake_quant", {}), **{p: s for p, (s, _) in plan.items()}}
-        return program.with_record(record, jaxpr=new, meta=meta)
+        return rewrite_with_side_outputs(program, spec)
 
 
 def fake_quant(
@@ -142,6 +206,9 @@ def fake_quant(
     tile_size: int | None = None,
     symmetric: bool = True,
     act_symmetric: bool = True,
+    act_mode: str = "dynamic",
+    calibration: str = "minmax",
+    percentile: float = 99.99,
     rules: Any = None,
     inline_custom: bool = False,
 ) -> FakeQuant:
@@ -171,6 +238,9 @@ def fake_quant(
                 tile_size=tile_size,
                 symmetric=symmetric,
                 act_symmetric=act_symmetric,
+                act_mode=act_mode,
+                calibration=calibration,
+                percentile=percentile,
             ),
         )
     rules = tuple(rules)
@@ -183,7 +253,7 @@ def fake_quant(
 
 
 def plan_quantization(
-    program: Program, rules: tuple[QuantRule, ...], *, config: str
+    program: Program, rules: tuple[QuantRule, ...], *, config: str, warn: bool = True
 ) -> dict[str, tuple[QuantSpec, QuantRule]]:
     """For every selected parameter: its quantization spec (axes from its consumers) and rule."""
     infos = param_infos(program)
@@ -205,7 +275,7 @@ def plan_quantization(
                     plan[info.path] = (_spec_for(info, rules[k], k), rules[k])
                 break
     unused = [k for k in range(len(rules)) if k not in used]
-    if unused:
+    if unused and warn:
         warnings.warn(
             f"fake_quant: rule(s) {', '.join(f'{k} ({rules[k].where!r})' for k in unused)} "
             f"matched no parameter of {program.name!r}",
@@ -273,7 +343,45 @@ def _contracted_dims(use: Any) -> tuple[int, ...]:
 # ---- the per-equation rule --------------------------------------------------------------
 
 
-def make_rule(rules_by_path: dict[str, QuantRule]) -> Any:
+class _RuleContext:
+    """What the contraction rule needs: rules by weight, static sites, calibrated scales."""
+
+    def __init__(
+        self,
+        plan: Any,
+        program: Program,
+        act_scales: dict[int, float],
+        observe: str | None,
+        ranges: dict[int, float] | None = None,
+    ):
+        self.rules_by_path = {p: rule for p, (_, rule) in plan.items()}
+        self.act_scales = act_scales
+        self.observe = observe
+        self.ranges = ranges or {}
+        self.uncalibrated: set[int] = set()
+        self.dynamic_sites: set[int] = set()
+        self._sites = contraction_sites(program)
+        self.site_of: dict[int, int] = {}
+        for k, site in enumerate(self._sites):
+            self.site_of.setdefault(id(site.eqn), k)
+
+    def site_eqns(self) -> list[tuple[Any, int]]:
+        return [(s.eqn, k) for k, s in enumerate(self._sites) if k in self.static_sites()]
+
+    def static_sites(self) -> list[int]:
+        """Contractions with a quantized weight whose rule asks for static activations."""
+        out = []
+        for k, site in enumerate(self._sites):
+            if self.site_of[id(site.eqn)] != k:
+                continue
+            paths = [t.path for t in site.in_tags[:2] if t is not None]
+            rules = [self.rules_by_path[p] for p in paths if p in self.rules_by_path]
+            if rules and rules[0].act_mode == "static":
+                out.append(k)
+        return out
+
+
+def make_rule(ctx: _RuleContext) -> Any:
     def rule(site: Any, invals: list[Any]) -> list[Any] | None:
         eqn = site.eqn
         if eqn.primitive.name in _VIEWS:
@@ -285,22 +393,44 @@ def make_rule(rules_by_path: dict[str, QuantRule]) -> Any:
         if not any(quantized):
             return None
         weight = invals[0] if quantized[0] else invals[1]
-        qrule = rules_by_path[weight.path]
+        qrule = ctx.rules_by_path[weight.path]
         with jax.named_scope(qa.MARKER):
-            return [_contraction(eqn, invals[0], invals[1], qrule)]
+            return [_contraction(eqn, invals[0], invals[1], qrule, ctx)]
 
     return rule
 
 
-def _contraction(eqn: Any, lhs: Any, rhs: Any, qrule: QuantRule) -> Any:
+def _contraction(eqn: Any, lhs: Any, rhs: Any, qrule: QuantRule, ctx: _RuleContext) -> Any:
     lhs_axes, rhs_axes = qa.contraction_operands_axes(eqn)
     if qrule.act is None:
         # Weight-only: the contraction runs in float on the dequantized weight.
         return qa.float_contraction(eqn, _mat(lhs), _mat(rhs))
+    fmt = get_format(qrule.act)
+    site = ctx.site_of.get(id(eqn))
+    if qrule.act_mode == "static" and site is not None and ctx.observe is not None:
+        act = lhs if not isinstance(lhs, qa.QArray) else rhs
+        _observe(ctx, site, act)
+    static = qrule.act_mode == "static" and site in ctx.act_scales
+    if (
+        qrule.act_mode == "static"
+        and not static
+        and ctx.observe is None
+        and site is not None
+        and site not in ctx.dynamic_sites
+    ):
+        ctx.uncalibrated.add(site)
+
+    def quant_act(x: Any, axes: tuple[int, ...]) -> Any:
+        if static:
+            return qa.quantize_static(x, fmt, ctx.act_scales[site])
+        if qrule.act_mode == "static":  # not calibrated yet: per-tensor from the value
+            return qa.quantize_dynamic(x, fmt, tuple(range(x.ndim)), True)
+        return qa.quantize_dynamic(x, fmt, axes, qrule.act_symmetric)
+
     if not isinstance(lhs, qa.QArray):
-        lhs = qa.quantize_dynamic(lhs, get_format(qrule.act), lhs_axes, qrule.act_symmetric)
+        lhs = quant_act(lhs, lhs_axes)
     if not isinstance(rhs, qa.QArray):
-        rhs = qa.quantize_dynamic(rhs, get_format(qrule.act), rhs_axes, qrule.act_symmetric)
+        rhs = quant_act(rhs, rhs_axes)
     lhs_dq, rhs_dq = lhs.dequantized(), rhs.dequantized()
     if qa.int_path_ok(lhs, rhs):
         exact = qa.int_contraction(eqn, lhs, rhs)
@@ -311,6 +441,17 @@ def _contraction(eqn: Any, lhs: Any, rhs: Any, qrule: QuantRule) -> Any:
     lhs_f = lhs.orig if lhs.orig is not None else lhs_dq
     rhs_f = rhs.orig if rhs.orig is not None else rhs_dq
     return qa.ste_contraction(eqn, exact, lhs_dq, rhs_dq, lhs_f, rhs_f)
+
+
+def _observe(ctx: _RuleContext, site: int, act: Any) -> None:
+    a = jnp.abs(act.astype(jnp.float32))
+    if ctx.observe == "absmax":
+        emit((site, "absmax"), jnp.max(a))
+        return
+    hi = max(float(ctx.ranges.get(site, 0.0)), 1e-30)
+    idx = jnp.clip(jnp.floor(a / hi * HIST_BINS), 0, HIST_BINS - 1).astype(jnp.int32)
+    counts = jnp.zeros((HIST_BINS,), jnp.float32).at[idx.reshape(-1)].add(1.0)
+    emit((site, "hist"), counts)
 
 
 def _mat(x: Any) -> Any:

@@ -154,6 +154,14 @@ def quantize_dynamic(x: Any, fmt: Any, axes: tuple[int, ...], symmetric: bool) -
     return QArray(q, qp.scale, qp.zero_point, x, spec, x.dtype, "<activation>")
 
 
+def quantize_static(x: Any, fmt: Any, absmax: float) -> QArray:
+    """Quantize an activation with one calibrated per-tensor range (a constant scale)."""
+    spec = make_spec(fmt, tuple(range(x.ndim)), x.ndim, symmetric=True)
+    qp = compute_qparams(x, spec, absmax=jnp.full((1,) * x.ndim, absmax, jnp.float32))
+    q = quantize(x, qp, spec)
+    return QArray(q, qp.scale, qp.zero_point, x, spec, x.dtype, "<activation>")
+
+
 def int_path_ok(*qs: QArray) -> bool:
     """Whether an integer contraction is exact for these operands (else: emulate in float)."""
     return all(not q.spec.fmt.is_float and q.spec.tile is None for q in qs)

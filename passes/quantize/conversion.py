@@ -61,6 +61,13 @@ class Convert:
         return "convert()" if self.pack else "convert(pack=False)"
 
     def __call__(self, program: Program) -> Program:
+        uncalibrated = program.meta.get("uncalibrated_sites", ())
+        if uncalibrated:
+            raise ConvertError(
+                f"convert: {len(uncalibrated)} contraction(s) use static activation scales that "
+                f"were never calibrated (sites {list(uncalibrated)[:5]}). Run "
+                "maas_jax.passes.calibrate(program, params, batches) before convert."
+            )
         markers = _entry_markers(program)
         if not markers:
             if any(r.name == "fake_quant" for r in program.history):
