@@ -8,18 +8,24 @@ object unchanged when it has nothing to do.
 from maas_jax.passes.clip import ClipWeights, clip_weights
 from maas_jax.passes.dce import DCE, dce
 from maas_jax.passes.quantize import (
+    RECIPES,
     CalibrationError,
     Convert,
     ConvertError,
     FakeQuant,
+    QuantizedModel,
     QuantRule,
     calibrate,
     convert,
     convert_params,
     fake_quant,
+    quantize_model,
 )
 
 __all__ = [
+    "RECIPES",
+    "QuantizedModel",
+    "quantize_model",
     "CalibrationError",
     "calibrate",
     "DCE",

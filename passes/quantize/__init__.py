@@ -7,8 +7,12 @@ The numerics (formats, scales, quantize/dequantize, int4 packing) live in
 from maas_jax.passes.quantize.calibration import CalibrationError, calibrate
 from maas_jax.passes.quantize.conversion import Convert, ConvertError, convert, convert_params
 from maas_jax.passes.quantize.fake_quant import FakeQuant, QuantRule, fake_quant
+from maas_jax.passes.quantize.recipes import RECIPES, QuantizedModel, quantize_model
 
 __all__ = [
+    "RECIPES",
+    "QuantizedModel",
+    "quantize_model",
     "CalibrationError",
     "calibrate",
     "Convert",

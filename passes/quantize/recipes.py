@@ -1,0 +1,101 @@
+"""One call for the common cases: a float model in, an integer program and its weights out.
+
+>>> import jax, jax.numpy as jnp
+>>> from maas_jax import passes
+>>> w = jax.random.normal(jax.random.key(0), (64, 8))
+>>> q = passes.quantize_model(lambda p, x: x @ p["w"], {"w": w}, jnp.ones((4, 64)), recipe="w8a8")
+>>> q.params["w"]["qvalue"].dtype.name, round(q.bytes_ratio, 2)
+('int8', 0.27)
+>>> q(jnp.ones((4, 64))).shape
+(4, 8)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+from maas_jax.passes.quantize.calibration import calibrate
+from maas_jax.passes.quantize.conversion import convert, convert_params
+from maas_jax.passes.quantize.fake_quant import fake_quant
+
+import maas_jax
+from maas_jax import Program
+
+#: recipe name -> fake_quant keyword arguments
+RECIPES: dict[str, dict[str, Any]] = {
+    "w8": dict(weight="int8"),
+    "w4": dict(weight="int4"),
+    "w8a8": dict(weight="int8", act="int8"),
+    "w8a8-static": dict(weight="int8", act="int8", act_mode="static", calibration="percentile"),
+    "w4a8": dict(weight="int4", act="int8"),
+    "fp8": dict(weight="fp8_e4m3", act="fp8_e4m3"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedModel:
+    """An integer program with its stored weights; call it with the model's inputs."""
+
+    program: Program
+    params: Any
+    fake_quant_program: Program
+    float_bytes: int
+    stored_bytes: int
+
+    @property
+    def bytes_ratio(self) -> float:
+        return self.stored_bytes / self.float_bytes
+
+    def __call__(self, *inputs: Any) -> Any:
+        return self.program(self.params, *inputs)
+
+
+def _nbytes(tree: Any) -> int:
+    import jax
+
+    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def quantize_model(
+    model: Any,
+    params: Any,
+    *inputs: Any,
+    recipe: str = "w8a8",
+    where: Any = None,
+    calibration_data: Iterable[Any] | None = None,
+    fold_batchnorm: bool = True,
+    passes_before: tuple[Any, ...] = (),
+) -> QuantizedModel:
+    """Trace, (fold BatchNorm,) fake-quantize, (calibrate,) convert: one call.
+
+    Args:
+      model: a function ``fn(params, *inputs)`` or a Flax Linen module (its ``apply``).
+      params: the float parameters (Linen variables, NNX state, a dict).
+      *inputs: example inputs (shapes the program is specialised to).
+      recipe: one of :data:`RECIPES` (``"w8a8"`` dynamic int8, ``"w8a8-static"`` calibrated,
+        ``"w8"`` / ``"w4"`` weight-only, ``"w4a8"``, ``"fp8"``).
+      where: which weights (default: every matmul/conv weight).
+      calibration_data: batches for static recipes (see :func:`calibrate`).
+      fold_batchnorm: fold inference BatchNorm into the preceding conv/dense first.
+      passes_before: more passes to run before quantizing (e.g. ``clip_weights``).
+    """
+    if recipe not in RECIPES:
+        raise ValueError(f"quantize_model: unknown recipe {recipe!r}; one of {', '.join(RECIPES)}")
+    fn = getattr(model, "apply", model)
+    program = maas_jax.trace(fn, params, *inputs)
+    before = list(passes_before)
+    if fold_batchnorm:
+        from maas_jax.passes.fold_batchnorm import fold_batchnorm as fold
+
+        before.insert(0, fold())
+    fq = maas_jax.pipeline(*before, fake_quant(where=where, **RECIPES[recipe]))(program)
+    if RECIPES[recipe].get("act_mode") == "static":
+        if calibration_data is None:
+            raise ValueError(f"quantize_model: recipe {recipe!r} needs calibration_data=[batches]")
+        fq = calibrate(fq, params, calibration_data)
+    int_prog = convert()(fq)
+    stored = convert_params(int_prog, fq, params)
+    return QuantizedModel(int_prog, stored, fq, _nbytes(params), _nbytes(stored))
