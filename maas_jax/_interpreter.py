@@ -107,37 +107,77 @@ def rewrite(program: Program, spec: Rewrite) -> jcore.ClosedJaxpr:
     entry = _entry_applier(program, spec)
 
     def run(*flat: Any) -> list[Any]:
-        vals, in_tags = entry(flat)
+        vals, in_tags = entry(flat, interp)
         return [materialize(v) for v in interp.eval(closed.jaxpr, closed.consts, vals, in_tags)]
 
     structs = [_compat.aval_struct(v.aval) for v in closed.jaxpr.invars]
     return jax.make_jaxpr(run)(*structs)
 
 
+def _entry_points(program: Program, spec: Rewrite) -> dict[Any, tuple[ParamRef, Any]]:
+    """Where each transformed parameter "enters": after the markers earlier passes put on it.
+
+    A parameter that an earlier pass already transformed (``clip_weights``, a folded kernel)
+    reaches its uses through that pass's marker region; a later pass must transform the marker's
+    output, not the raw input, or the order of the passes would be inverted. Each variable on
+    the marker chain that something other than a marker reads is an entry point.
+    """
+    jaxpr = program.jaxpr.jaxpr
+    readers: dict[Any, list[jcore.JaxprEqn]] = {}
+    for eqn in jaxpr.eqns:
+        for v in eqn.invars:
+            if not isinstance(v, jcore.Literal):
+                readers.setdefault(v, []).append(eqn)
+    outputs = {v for v in jaxpr.outvars if not isinstance(v, jcore.Literal)}
+    points: dict[Any, tuple[ParamRef, Any]] = {}
+    for role, invar in zip(program.roles, jaxpr.invars, strict=True):
+        if not isinstance(role, ParamRef) or spec.entry.get(role.path) is None:
+            continue
+        stack = [invar]
+        while stack:
+            v = stack.pop()
+            eqns = readers.get(v, [])
+            markers = [e for e in eqns if _provenance.is_marker(e) and e.invars[0] is v]
+            if len(eqns) > len(markers) or v in outputs or not markers:
+                points[v] = (role, spec.entry[role.path])
+            stack.extend(e.outvars[0] for e in markers)
+    return points
+
+
 def _entry_applier(program: Program, spec: Rewrite) -> Callable[[Any], tuple[list, list]]:
-    """A function applying ``spec.entry`` to the flat inputs; returns values and tags."""
+    """Applies ``spec.entry`` to the flat inputs; returns values and tags.
+
+    Entry points further down a marker chain are handed to the interpreter
+    (``Interpreter.entry_at``), which applies them when it computes them.
+    """
     tags = _provenance.initial_tags(program)
     marker = f"{_provenance.MARKER_PREFIX}{spec.pass_name}"
     # One jitted marker per distinct transform: parameters of equal shape (the layers of a
     # deep model) then hit jax's trace cache instead of re-tracing the transform each time.
     marked: dict[int, Callable[[Any], Any]] = {}
+    points = _entry_points(program, spec)
 
-    def apply(flat: Any) -> tuple[list, list]:
+    def transform_value(transform: Any, value: Any, tag: Tag | None) -> tuple[Any, Tag | None]:
+        if not spec.entry_marked:
+            return transform(value), tag  # the transform places its own markers
+        if id(transform) not in marked:
+            marked[id(transform)] = marked_fn(transform, marker)
+        if tag is not None:
+            tag = dataclasses.replace(tag, transforms=(*tag.transforms, marker))
+        return marked[id(transform)](value), tag
+
+    def apply(flat: Any, interp: Interpreter) -> tuple[list, list]:
         vals = list(flat)
         in_tags = list(tags)
-        for i, role in enumerate(program.roles):
-            transform = spec.entry.get(role.path) if isinstance(role, ParamRef) else None
-            if transform is None:
-                continue
-            if not spec.entry_marked:
-                vals[i] = transform(vals[i])  # the transform places its own markers
-                continue
-            if id(transform) not in marked:
-                marked[id(transform)] = marked_fn(transform, marker)
-            vals[i] = marked[id(transform)](vals[i])
-            t = in_tags[i]
-            if t is not None:
-                in_tags[i] = dataclasses.replace(t, transforms=(*t.transforms, marker))
+        invars = program.jaxpr.jaxpr.invars
+        for i, v in enumerate(invars):
+            if v in points:
+                vals[i], in_tags[i] = transform_value(points[v][1], vals[i], in_tags[i])
+        interp.entry_at = {
+            v: (lambda value, tag, t=t: transform_value(t, value, tag))
+            for v, (_, t) in points.items()
+            if v not in set(invars)
+        }
         return vals, in_tags
 
     return apply
@@ -155,7 +195,7 @@ def rewrite_with_side_outputs(
     def run(*flat: Any) -> list[Any]:
         _ACTIVE.append(interp)
         try:
-            vals, in_tags = entry(flat)
+            vals, in_tags = entry(flat, interp)
             outs, stats = interp.collect(
                 keys,
                 lambda: [
@@ -209,6 +249,8 @@ class Interpreter:
         self.spec = spec
         self._touches_cache: dict[int, bool] = {}
         self._frames: list[dict[Any, Any]] = [{}]
+        # Top-level variables at which an entry transform applies (end of a marker chain).
+        self.entry_at: dict[Any, Callable[[Any, Any], tuple[Any, Any]]] = {}
         self._keys_cache: dict[int, tuple[Any, ...]] = {}
 
     # -- side outputs ---------------------------------------------------------------------
@@ -302,6 +344,8 @@ class Interpreter:
                 else [None] * len(eqn.outvars)
             )
             for v, x, t in zip(eqn.outvars, outvals, out_tags, strict=True):
+                if v in self.entry_at:
+                    x, t = self.entry_at[v](x, t)
                 env[v] = x
                 tenv[v] = t
         return [read(v) for v in jaxpr.outvars]

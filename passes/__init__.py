@@ -7,6 +7,7 @@ object unchanged when it has nothing to do.
 
 from maas_jax.passes.clip import ClipWeights, clip_weights
 from maas_jax.passes.dce import DCE, dce
+from maas_jax.passes.fold_batchnorm import FoldBatchNorm, fold_batchnorm
 from maas_jax.passes.quantize import (
     RECIPES,
     CalibrationError,
@@ -33,10 +34,12 @@ __all__ = [
     "Convert",
     "ConvertError",
     "FakeQuant",
+    "FoldBatchNorm",
     "QuantRule",
     "clip_weights",
     "convert",
     "convert_params",
     "dce",
     "fake_quant",
+    "fold_batchnorm",
 ]

@@ -16,9 +16,14 @@ from maas_jax import passes
 PASSES = {
     "clip_weights": lambda: passes.clip_weights(0.5),
     "dce": lambda: passes.dce(),
+    "fold_batchnorm": lambda: passes.fold_batchnorm(),
+    "fake_quant": lambda: passes.fake_quant(
+        rules=[passes.QuantRule(where=r"kernel$|^w\w*$|^w$", weight="int8", act="int8")]
+    ),
 }
 
 
+@pytest.mark.filterwarnings("ignore::maas_jax.OpaqueRegionWarning")  # the custom_vjp model
 @pytest.mark.parametrize("pass_name", sorted(PASSES))
 @pytest.mark.parametrize("model", MODEL_NAMES)
 def test_pass_contract(pass_name, model):

@@ -238,3 +238,20 @@ def test_conv_weight_only_and_w4a8_work():
         int_prog = passes.convert()(fq)
         stored = passes.convert_params(int_prog, fq, m.params)
         np.testing.assert_array_equal(int_prog(stored, *m.inputs), out)
+
+
+def test_quantization_applies_after_earlier_weight_passes():
+    """clip_weights then fake_quant quantizes the clipped weight (order of passes kept)."""
+    w = jnp.array([[4.0, -0.5], [0.25, 1.0]])
+    x = jnp.array([[1.0, 1.0]])
+    prog = maas_jax.trace(lambda p, x: x @ p["w"], {"w": w}, x)
+    both = maas_jax.pipeline(passes.clip_weights(1.0), passes.fake_quant("int8", act="int8"))(prog)
+    clipped = {"w": jnp.clip(w, -1.0, 1.0)}
+    alone = passes.fake_quant("int8", act="int8")(prog)
+    np.testing.assert_array_equal(both({"w": w}, x), alone(clipped, x))
+    # The contraction runs on integers, and convert keeps the clip in the stored integers.
+    assert "int32" in str(both.jaxpr)
+    int_prog = passes.convert()(both)
+    stored = passes.convert_params(int_prog, both, {"w": w})
+    np.testing.assert_array_equal(int_prog(stored, x), both({"w": w}, x))
+    assert np.abs(np.asarray(stored["w"]["qvalue"])).max() == 127
