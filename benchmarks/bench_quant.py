@@ -145,6 +145,9 @@ def digits_section() -> dict:
         fq = passes.fake_quant(**quant)(prog)
         res[label] = digits.accuracy(jax.jit(fq), variables, x_te, y_te)
     res["drop_points_int8_w8a8"] = 100 * (base - res["int8 w8a8"])
+    folded = maas_jax.pipeline(passes.fold_batchnorm(), passes.fake_quant("int8", act="int8"))(prog)
+    res["BatchNorm folded + w8a8"] = digits.accuracy(jax.jit(folded), variables, x_te, y_te)
+    res["drop_points_folded_w8a8"] = 100 * (base - res["BatchNorm folded + w8a8"])
     # Static (calibrated) int8 activations on 4 training batches, percentile 99.99.
     fq = passes.fake_quant("int8", act="int8", act_mode="static", calibration="percentile")(prog)
     batches = [x_tr[i : i + len(x_te)] for i in range(0, 4 * len(x_te), len(x_te))]
