@@ -86,6 +86,9 @@ class Rewrite:
     # every region (as extra outputs / loop carries) merged as ``side_outputs[key]`` says.
     side_outputs: Mapping[Any, SideOutput] = dataclasses.field(default_factory=dict)
     side_key: Callable[[jcore.JaxprEqn], Any] | None = None  # which equation emits which key
+    # Operand shapes may differ from the recorded ones (structured pruning): regions whose
+    # operands changed shape are re-traced, and broadcast/reshape shapes follow the operands.
+    reshape: bool = False
     drop_dead: bool = False
     force_recurse: bool = False  # re-emit every region even if nothing inside changes (tests)
     inline_custom: bool = False  # inline custom_jvp/custom_vjp bodies so rules reach inside
@@ -360,8 +363,15 @@ class Interpreter:
             if out is not None:
                 return list(out)
         kind = _compat.hop_kind(eqn)
-        if kind is not None and not _provenance.is_marker(eqn) and self._recurse_into(eqn):
+        reshaped = spec.reshape and shapes_changed(eqn, invals)
+        if (
+            kind is not None
+            and not _provenance.is_marker(eqn)
+            and (reshaped or self._recurse_into(eqn))
+        ):
             return _regions.HANDLERS[kind](self, site, invals)
+        if reshaped and eqn.primitive.name in _SHAPE_PARAM_RULES:
+            return _SHAPE_PARAM_RULES[eqn.primitive.name](eqn, invals)
         if kind is None and _compat.sub_jaxprs(eqn) and self._touches(eqn):
             tagged = [t.path for t in site.in_tags if t is not None]
             if tagged or spec.rule is not None:
@@ -423,6 +433,72 @@ class Interpreter:
             OpaqueRegionWarning,
             stacklevel=2,
         )
+
+
+def shapes_changed(eqn: jcore.JaxprEqn, invals: list[Any]) -> bool:
+    """Whether an operand's shape differs from the shape recorded in the equation."""
+    for v, x in zip(eqn.invars, invals, strict=True):
+        shape = getattr(x, "shape", None)
+        if shape is not None and tuple(shape) != tuple(v.aval.shape):
+            return True
+    return False
+
+
+def _changed_axes(old: tuple[int, ...], new: tuple[int, ...]) -> list[int]:
+    return [i for i, (a, b) in enumerate(zip(old, new, strict=True)) if a != b]
+
+
+def _broadcast_rule(eqn: jcore.JaxprEqn, invals: list[Any]) -> list[Any]:
+    """broadcast_in_dim after an operand axis shrank: the matching output axis shrinks too."""
+    (x,) = invals[:1]
+    shape = list(eqn.params["shape"])
+    old = tuple(eqn.invars[0].aval.shape)
+    for i in _changed_axes(old, tuple(x.shape)):
+        shape[eqn.params["broadcast_dimensions"][i]] = x.shape[i]
+    params = {**eqn.params, "shape": tuple(shape)}
+    return _compat.bind_with_params(eqn.primitive, params, [materialize(v) for v in invals])
+
+
+def _reshape_rule(eqn: jcore.JaxprEqn, invals: list[Any]) -> list[Any]:
+    """reshape after an operand axis shrank: the output axis that *is* that axis shrinks."""
+    import math
+
+    x = invals[0]
+    old_in = tuple(eqn.invars[0].aval.shape)
+    new_sizes = list(eqn.params["new_sizes"])
+    for i in _changed_axes(old_in, tuple(x.shape)):
+        before = math.prod(old_in[:i])
+        match = [
+            j
+            for j in range(len(new_sizes))
+            if math.prod(new_sizes[:j]) == before and new_sizes[j] == old_in[i]
+        ]
+        if not match:
+            raise RewriteError(
+                f"reshape at {_compat.source_line(eqn)} merges or splits axis {i} "
+                f"(size {old_in[i]} -> {x.shape[i]}): its new shape cannot be derived"
+            )
+        new_sizes[match[0]] = x.shape[i]
+    params = {**eqn.params, "new_sizes": tuple(new_sizes)}
+    return _compat.bind_with_params(eqn.primitive, params, [materialize(v) for v in invals])
+
+
+def _conv_rule(eqn: jcore.JaxprEqn, invals: list[Any]) -> list[Any]:
+    """A depthwise convolution whose channels shrank keeps one group per channel."""
+    params = dict(eqn.params)
+    dn = params["dimension_numbers"]
+    old = eqn.invars[0].aval.shape[dn.lhs_spec[1]]
+    new = invals[0].shape[dn.lhs_spec[1]]
+    if params["feature_group_count"] == old and old > 1:
+        params["feature_group_count"] = new
+    return _compat.bind_with_params(eqn.primitive, params, [materialize(v) for v in invals])
+
+
+_SHAPE_PARAM_RULES = {
+    "broadcast_in_dim": _broadcast_rule,
+    "reshape": _reshape_rule,
+    "conv_general_dilated": _conv_rule,
+}
 
 
 def _live_equations(jaxpr: jcore.Jaxpr) -> list[bool]:

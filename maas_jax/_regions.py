@@ -21,7 +21,7 @@ from jax import lax
 
 from maas_jax import _compat, _provenance
 from maas_jax._errors import MaasError
-from maas_jax._interpreter import is_lifted, materialize
+from maas_jax._interpreter import is_lifted, materialize, shapes_changed
 from maas_jax._provenance import Site
 
 
@@ -70,7 +70,8 @@ def _jit(interp: Any, site: Site, invals: list[Any]) -> list[Any]:
         outs, stats = jax.jit(side)(*used)
         interp.emit_all(keys, stats)
         return list(outs)
-    if any(is_lifted(v) for v in invals) or not all(mask):
+    reshaped = interp.spec.reshape and shapes_changed(eqn, invals)
+    if any(is_lifted(v) for v in invals) or not all(mask) or reshaped:
         fn, used = _used_only(mask, body, invals)
         return list(jax.jit(_named(fn, name))(*used))
     new = jax.make_jaxpr(body)(*[_compat.aval_struct(v.aval) for v in old.jaxpr.invars])
@@ -189,7 +190,9 @@ def _custom(interp: Any, site: Site, invals: list[Any]) -> list[Any]:
     Rewriting only the primal body is wrong: under ``jax.grad`` jax differentiates with the
     user's rule, which recomputes from the original body, silently undoing the rewrite.
     """
-    if interp.spec.inline_custom:
+    if interp.spec.inline_custom or (interp.spec.reshape and shapes_changed(site.eqn, invals)):
+        # (a body traced for other shapes cannot be re-bound: inline it, losing the custom
+        # derivative — structured pruning produces inference programs)
         (region,) = _provenance.regions(site.eqn, site.in_tags)
         return _body_fn(interp, region, site)(*invals)
     if interp.spec.rule is not None:

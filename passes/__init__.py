@@ -8,6 +8,18 @@ object unchanged when it has nothing to do.
 from maas_jax.passes.clip import ClipWeights, clip_weights
 from maas_jax.passes.dce import DCE, dce
 from maas_jax.passes.fold_batchnorm import FoldBatchNorm, fold_batchnorm
+from maas_jax.passes.prune import (
+    ChannelPlan,
+    Masks,
+    Prune,
+    PruneChannels,
+    StructuredPruningError,
+    activation_norms,
+    channel_plan,
+    compute_masks,
+    prune,
+    prune_channels,
+)
 from maas_jax.passes.quantize import (
     RECIPES,
     CalibrationError,
@@ -24,6 +36,16 @@ from maas_jax.passes.quantize import (
 )
 
 __all__ = [
+    "ChannelPlan",
+    "Masks",
+    "Prune",
+    "PruneChannels",
+    "StructuredPruningError",
+    "activation_norms",
+    "channel_plan",
+    "compute_masks",
+    "prune",
+    "prune_channels",
     "RECIPES",
     "QuantizedModel",
     "quantize_model",
