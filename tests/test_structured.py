@@ -5,10 +5,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from maas_jax.passes.prune import StructuredPruningError
 
 import maas_jax
 from maas_jax import passes
-from maas_jax.passes.prune import StructuredPruningError
 
 
 def _mlp_params(key=0):

@@ -21,14 +21,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from maas_jax.passes._weights import freeze_where, select_weights
+from maas_jax.passes.prune import masks as mk
 
-import maas_jax
 from maas_jax import PassRecord, Program, Rewrite, rewrite
 from maas_jax._compat import CONTRACTION_PRIMITIVES
 from maas_jax._interpreter import SideOutput, emit, rewrite_with_side_outputs
 from maas_jax._select import param_infos
-from maas_jax.passes._weights import freeze_where, select_weights
-from maas_jax.passes.prune import masks as mk
 
 METHODS = ("magnitude", "random", "nm", "block", "masks")
 
@@ -253,7 +252,7 @@ def compute_masks(
         scores = {p: jnp.zeros_like(w) for p, w in weights.items()}
         for batch in batches:
             inputs = batch if isinstance(batch, tuple) else (batch,)
-            grads = jax.grad(lambda prm: loss(program(prm, *inputs), batch))(params)
+            grads = jax.grad(lambda prm, i=inputs, b=batch: loss(program(prm, *i), b))(params)
             g = _values_by_path(program, grads)
             for p in scores:
                 scores[p] = scores[p] + mk.snip_scores(weights[p], g[p])
