@@ -132,6 +132,18 @@ class Prune:
             return lambda w: jnp.where(keep, w, jnp.zeros((), w.dtype))
         axis = _input_axis(info)
         stacked = max((u.sliced for u in info.uses), default=0)
+        if self.method == "nm" and info.shape[axis] % self.m:
+            raise ValueError(
+                f"prune: N:M groups of m={self.m} along axis {axis} (the contracted axis) do not "
+                f"divide {path!r} of shape {tuple(info.shape)}"
+            )
+        if self.method == "block" and any(
+            info.shape[a] % b for a, b in zip((-2, -1), self.block, strict=True)
+        ):
+            raise ValueError(
+                f"prune: blocks {self.block} do not tile the last two axes of {path!r} "
+                f"(shape {tuple(info.shape)})"
+            )
 
         def mask_of(w: Any) -> Any:
             if self.method == "magnitude":
@@ -249,13 +261,14 @@ def compute_masks(
     if method == "snip":
         if batches is None or loss is None:
             raise ValueError("compute_masks(method='snip') needs batches= and loss=")
-        scores = {p: jnp.zeros_like(w) for p, w in weights.items()}
+        # The gradient of the loss over all batches (summed), then |w * g| (SNIP).
+        total = {p: jnp.zeros_like(w) for p, w in weights.items()}
         for batch in batches:
             inputs = batch if isinstance(batch, tuple) else (batch,)
             grads = jax.grad(lambda prm, i=inputs, b=batch: loss(program(prm, *i), b))(params)
             g = _values_by_path(program, grads)
-            for p in scores:
-                scores[p] = scores[p] + mk.snip_scores(weights[p], g[p])
+            total = {p: total[p] + g[p] for p in total}
+        scores = {p: mk.snip_scores(weights[p], total[p]) for p in total}
         return Masks(mk.global_magnitude_masks(scores, sparsity), "SNIP")
     if method == "wanda":
         if batches is None:
