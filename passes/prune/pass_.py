@@ -7,9 +7,10 @@ layers, opaque regions — sees the same zeros, later passes still see the param
 quantizers map 0 to 0).
 
 Masks that are functions of the weight itself (magnitude by threshold or by rate, N:M, blocks,
-random with a fixed seed) are computed in the graph. Masks that need data or all weights at
-once (global magnitude, SNIP, Wanda) come from :func:`compute_masks` and are baked in as
-constants.
+random with a fixed seed) are computed in the graph — handy for experiments and QAT, where the
+weights change, but a rate mask sorts the weight on every call. For inference, compute masks
+once with :func:`compute_masks` (layer-wise or global magnitude, SNIP, Wanda) and bake them in
+as constants: ``prune(masks=compute_masks(program, params, ...))``.
 """
 
 from __future__ import annotations
@@ -242,6 +243,7 @@ def compute_masks(
 ) -> Masks:
     """Keep-masks from parameter values and, for SNIP/Wanda, data.
 
+    * ``"magnitude"``: per weight, the ``sparsity`` fraction of smallest ``|w|``.
     * ``"global_magnitude"``: one threshold over all selected weights together.
     * ``"snip"``: saliency ``|w * dL/dw|`` summed over ``batches``, global threshold; ``loss``
       maps the program's outputs (and the batch) to a scalar: ``loss(outputs, batch)``.
@@ -256,6 +258,11 @@ def compute_masks(
     )
     values = _values_by_path(program, params)
     weights = {p: values[p] for p in sel.paths}
+    if method == "magnitude":  # layer-wise rate, computed once instead of in every call
+        return Masks(
+            {p: np.asarray(mk.magnitude_mask(w, sparsity=sparsity)) for p, w in weights.items()},
+            "magnitude",
+        )
     if method == "global_magnitude":
         return Masks(mk.global_magnitude_masks(weights, sparsity), "global magnitude")
     if method == "snip":
@@ -280,7 +287,8 @@ def compute_masks(
             out[p] = mk.wanda_mask(w, norms[p], in_axis, out_axis, sparsity)
         return Masks(out, "Wanda")
     raise ValueError(
-        f"compute_masks: method must be 'global_magnitude', 'snip' or 'wanda', got {method!r}"
+        "compute_masks: method must be 'magnitude', 'global_magnitude', 'snip' or 'wanda', "
+        f"got {method!r}"
     )
 
 
