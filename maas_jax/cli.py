@@ -144,9 +144,48 @@ def demo(n_sentences: int = 16, clip_quantile: float = 0.9999) -> int:
         "it is only gathered)"
     )
 
+    failures += _prune_and_quantize_digits()
+
     _section("result")
     print("all checks passed" if not failures else f"{failures} check(s) FAILED")
     return 1 if failures else 0
+
+
+def _prune_and_quantize_digits() -> int:
+    """fold BatchNorm + 50% magnitude pruning + int8 in one pipeline on the digits CNN."""
+    import maas_jax
+    from maas_jax import passes
+    from maas_jax.models import digits
+    from maas_jax.passes.prune import export
+
+    _section("prune + quantize the digits CNN in one pipeline (sklearn digits)")
+    model, variables, (_, _, x_te, y_te) = digits.pretrained("cnn_bn")
+    apply_fn = digits.make_apply(model)
+    program = maas_jax.trace(apply_fn, variables, x_te, name="digits_cnn")
+    masks = passes.compute_masks(program, variables, method="global_magnitude", sparsity=0.5)
+    pipe = maas_jax.pipeline(
+        passes.fold_batchnorm(), passes.prune(masks=masks), passes.fake_quant("int8", act="int8")
+    )
+    print(repr(pipe))
+    fq = pipe(program)
+    int_prog = passes.convert()(fq)
+    stored = passes.convert_params(int_prog, fq, variables)
+    acc_float = digits.accuracy(apply_fn, variables, x_te, y_te)
+    acc_q = digits.accuracy(jax.jit(int_prog), stored, x_te, y_te)
+    print(
+        f"test accuracy: float {acc_float:.4f} -> 50% pruned + int8 {acc_q:.4f} "
+        f"(no fine-tuning; benchmarks/bench_prune.py fine-tunes with the optax wrapper)"
+    )
+    print(export.sparsity_report(stored))
+    dense = _nbytes(variables)
+    packed = export.compress(stored).nbytes
+    print(
+        f"parameters: float {dense / 1024:.1f} KiB -> int8 {_nbytes(stored) / 1024:.1f} KiB "
+        f"-> int8 + bitmask compression {packed / 1024:.1f} KiB ({packed / dense:.3f}x)"
+    )
+    ok = acc_q >= acc_float - 0.05
+    print(f"accuracy within 5 points of float: {ok}")
+    return 0 if ok else 1
 
 
 def _latency(fn: Any, *args: Any, repeats: int = 10) -> float:
