@@ -107,7 +107,7 @@ def digits_section(epochs: int) -> dict:
             res["50% achieved sparsity of kernels"] = float(
                 np.mean([np.mean(np.asarray(v) == 0) for k, v in _kernels(pruned)])
             )
-    tx = optax_wrapper.sparsify(optax.adam(1e-3), schedule=0.5, where=r"Dense_0/kernel$", n=2, m=4)
+    tx = optax_wrapper.sparsify(optax.adam(1e-3), schedule=0.5, where=r"dense0/kernel$", n=2, m=4)
     nm = _finetune(model, variables, data, tx, epochs)
     res["2:4 on the first dense layer"] = digits.accuracy(apply_fn, nm, x_te, y_te)
     res["drop_points_at_50"] = 100 * (res["dense"] - res["50% gradual magnitude"])
