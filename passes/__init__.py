@@ -34,8 +34,26 @@ from maas_jax.passes.quantize import (
     fake_quant,
     quantize_model,
 )
+from maas_jax.passes.shard import (
+    Shard,
+    ShardingError,
+    ShardingPlan,
+    ShardingWarning,
+    in_shardings,
+    place,
+    shard,
+    sharded_jit,
+)
 
 __all__ = [
+    "Shard",
+    "ShardingError",
+    "ShardingPlan",
+    "ShardingWarning",
+    "in_shardings",
+    "place",
+    "shard",
+    "sharded_jit",
     "ChannelPlan",
     "Masks",
     "Prune",

@@ -1,0 +1,199 @@
+"""shard: plans from rule tables and presets; sharded == unsharded (forward, grads, steps)."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import PartitionSpec as P
+from maas_jax.passes.shard import ShardingError, ShardingWarning
+from zoo import by_name
+
+import maas_jax
+from maas_jax import passes
+
+
+def _mesh(shape, names):
+    return jax.make_mesh(shape, names, axis_types=(jax.sharding.AxisType.Auto,) * len(shape))
+
+
+def _close(a, b):
+    """f32 agreement, 1e-6 relative to the scale of the whole tree (outputs, or all gradients):
+    sharded reductions sum in another order, so values near zero differ by rounding noise."""
+    leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(leaves_a) == len(leaves_b)
+    scale = max(1.0, max(float(np.abs(np.asarray(y)).max()) for y in leaves_b))
+    for x, y in zip(leaves_a, leaves_b, strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-5 * scale)
+
+
+def _mlp():
+    k = jax.random.split(jax.random.key(0), 5)
+    params = {
+        "up": {"kernel": jax.random.normal(k[0], (16, 64)) / 4, "bias": jnp.zeros(64)},
+        "down": {"kernel": jax.random.normal(k[1], (64, 16)) / 8, "bias": jnp.zeros(16)},
+    }
+    x = jax.random.normal(k[2], (8, 16))
+
+    def f(p, x):
+        h = jax.nn.gelu(x @ p["up"]["kernel"] + p["up"]["bias"])
+        return h @ p["down"]["kernel"] + p["down"]["bias"]
+
+    return f, params, x
+
+
+PRESETS = ["dp", "fsdp", "tp", "fsdp_tp"]
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("model", ["mlp", "linen_scan_remat_transformer"])
+@pytest.mark.parametrize("extra", ["plain", "prune+fake_quant"])
+def test_sharded_forward_grads_and_steps_equal_unsharded(preset, model, extra):
+    if model == "mlp":
+        fn, params, x = _mlp()
+        inputs = (x,)
+    else:
+        m = by_name(model)
+        fn, params, inputs = m.fn, m.params, m.inputs
+    mesh = _mesh((2, 4), ("data", "model"))
+    prog = maas_jax.trace(fn, params, *inputs)
+    before = []
+    if extra != "plain":
+        before = [
+            passes.prune(sparsity=0.3),
+            passes.fake_quant(
+                rules=[passes.QuantRule(where=r"kernel$", weight="int8", act="int8")]
+            ),
+        ]
+    base = maas_jax.pipeline(*before)(prog)
+    sharded = maas_jax.pipeline(*before, passes.shard(mesh, preset=preset))(prog)
+    f = passes.sharded_jit(sharded)
+    placed = passes.place(sharded, params)
+    _close(f(placed, *inputs), jax.jit(base)(params, *inputs))
+
+    def loss(program):
+        return lambda p: jnp.mean(program(p, *inputs) ** 2)
+
+    g_sharded = jax.jit(jax.grad(loss(sharded)), in_shardings=(passes.in_shardings(sharded)[0],))(
+        placed
+    )
+    _close(g_sharded, jax.jit(jax.grad(loss(base)))(params))
+    # SGD with momentum: Adam divides by sqrt(v) and so amplifies rounding noise in gradients
+    # that are ~0 into full-size steps, which no sharded/unsharded comparison survives.
+    opt = optax.sgd(1e-2, momentum=0.9)
+
+    def steps(program, p):
+        s = opt.init(p)
+        for _ in range(5):
+            g = jax.grad(loss(program))(p)
+            u, s = opt.update(g, s, p)
+            p = optax.apply_updates(p, u)
+        return p
+
+    _close(jax.jit(lambda p: steps(sharded, p))(placed), jax.jit(lambda p: steps(base, p))(params))
+
+
+def test_fsdp_bytes_per_device_read_from_the_compiled_program():
+    fn, params, x = _mlp()
+    mesh = _mesh((8,), ("data",))
+    prog = passes.shard(mesh, preset="fsdp")(maas_jax.trace(fn, params, x))
+    plan = prog.meta["sharding"]
+    total = sum(np.asarray(v).nbytes for v in jax.tree.leaves(params))
+    assert plan.bytes_per_device(prog) == total // 8
+    assert plan.replicated_fraction(prog) == 0.0
+    compiled = passes.sharded_jit(prog).trace(passes.place(prog, params), x).lower().compile()
+    args = compiled.memory_analysis().argument_size_in_bytes
+    assert args == total // 8 + x.nbytes // 8  # params and the batch, each 1/8 per device
+    hlo = compiled.as_text()
+    assert "all-gather" in hlo  # FSDP gathers the weights it needs
+
+
+def test_collectives_follow_the_plan():
+    fn, params, x = _mlp()
+    prog = maas_jax.trace(fn, params, x)
+
+    def collectives(preset, mesh):
+        sharded = passes.shard(mesh, preset=preset)(prog)
+        text = (
+            passes.sharded_jit(sharded)
+            .trace(passes.place(sharded, params), x)
+            .lower()
+            .compile()
+            .as_text()
+        )
+        return set(re.findall(r"(all-reduce|all-gather|reduce-scatter|all-to-all)", text))
+
+    assert collectives("dp", _mesh((8,), ("data",))) == set()  # forward of pure DP: none
+    tp = collectives("tp", _mesh((1, 8), ("data", "model")))
+    assert "all-reduce" in tp  # row-parallel down projection sums partial results
+    assert "all-gather" not in tp  # column-parallel up projection needs no gather
+
+
+def test_tp_preset_finds_megatron_columns_and_rows():
+    fn, params, x = _mlp()
+    sharded = passes.shard(_mesh((2, 4), ("data", "model")), preset="tp")(
+        maas_jax.trace(fn, params, x)
+    )
+    specs = sharded.meta["sharding"].param_specs
+    assert specs["up/kernel"] == P(None, "model") and specs["up/bias"] == P("model")
+    assert specs["down/kernel"] == P("model", None) and specs["down/bias"] == P(None)
+
+
+def test_rules_logical_axes_and_fallbacks():
+    fn, params, x = _mlp()
+    prog = maas_jax.trace(fn, params, x)
+    mesh = _mesh((2, 4), ("data", "model"))
+    out = passes.shard(
+        mesh,
+        rules=[(r"up/kernel", ("embed", "mlp")), (r"down/kernel", ("mlp", "embed"))],
+        logical_rules=[("mlp", "model"), ("embed", "data")],
+    )(prog)
+    specs = out.meta["sharding"].param_specs
+    assert specs["up/kernel"] == P("data", "model")
+    assert specs["down/kernel"] == P("model", "data")
+    # fallback: 'mlp' prefers an axis that does not divide (3), then takes 'model'
+    mesh3 = _mesh((2, 4), ("data", "model"))
+    fb = passes.shard(
+        mesh3,
+        rules=[(r"up/kernel", (None, "mlp"))],
+        logical_rules=[("mlp", "data"), ("mlp", "model")],
+    )(prog)
+    assert fb.meta["sharding"].param_specs["up/kernel"] == P(None, "data")
+
+
+def test_activation_constraints_reach_scan_bodies():
+    m = by_name("linen_scan_remat_transformer")
+    prog = maas_jax.trace(m.fn, m.params, *m.inputs)
+    mesh = _mesh((2, 4), ("data", "model"))
+    out = passes.shard(
+        mesh, preset="dp", activations=[(r"layers/mlp_in", ("data", None, "model"))]
+    )(prog)
+    assert "sharding_constraint" in str(out.jaxpr)
+    _close(
+        passes.sharded_jit(out)(passes.place(out, m.params), *m.inputs), m.fn(m.params, *m.inputs)
+    )
+
+
+def test_bad_plans_are_clear_errors():
+    fn, params, x = _mlp()
+    prog = maas_jax.trace(fn, params, x)
+    mesh = _mesh((2, 4), ("data", "model"))
+    with pytest.raises(ShardingError, match=r"names 'modle', which is neither a mesh axis"):
+        passes.shard(mesh, rules=[("up/kernel", (None, "modle"))])(prog)
+    with pytest.raises(ShardingError, match=r"uses mesh axis 'model' twice"):
+        passes.shard(mesh, rules=[("up/kernel", ("model", "model"))])(prog)
+    odd = maas_jax.trace(lambda p, x: x @ p["w"], {"w": jnp.ones((4, 10))}, jnp.ones((2, 4)))
+    with pytest.raises(
+        ShardingError, match=r"'w': dimension of size 10 is not divisible by mesh axis 'model'"
+    ):
+        passes.shard(mesh, rules=[("w", (None, "model"))])(odd)
+    with pytest.warns(ShardingWarning, match=r"logical axis 'mlp' \(size 10\) is not divisible"):
+        passes.shard(mesh, rules=[("w", (None, "mlp"))], logical_rules=[("mlp", "model")])(odd)
+    with pytest.raises(ShardingError, match="preset must be one of"):
+        passes.shard(mesh, preset="zero3")
+    with pytest.raises(ShardingError, match="has no sharding plan"):
+        passes.sharded_jit(prog)
+    with pytest.warns(ShardingWarning, match="matched no parameter"):
+        passes.shard(mesh, rules=[("nothing", (None,))])(prog)
