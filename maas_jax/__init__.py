@@ -12,6 +12,7 @@ ordinary JAX callable that jits, differentiates, vmaps and shards.
 [1.0, 1.0]
 """
 
+from maas_jax._analysis import Collective, collectives, compiled_report
 from maas_jax._errors import (
     MaasError,
     OpaqueRegionWarning,
@@ -49,6 +50,9 @@ from maas_jax._select import Op, ParamInfo, Selection, predicate, select
 __version__ = "0.1.0"
 
 __all__ = [
+    "Collective",
+    "collectives",
+    "compiled_report",
     "CoverageEntry",
     "InputRef",
     "MaasError",

@@ -39,14 +39,18 @@ from maas_jax.passes.shard import (
     ShardingError,
     ShardingPlan,
     ShardingWarning,
+    format_report,
     in_shardings,
     place,
+    plan_report,
     shard,
     sharded_jit,
 )
 
 __all__ = [
     "Shard",
+    "format_report",
+    "plan_report",
     "ShardingError",
     "ShardingPlan",
     "ShardingWarning",

@@ -398,6 +398,61 @@ def sharded_jit(program: Program, *, donate_params: bool = False) -> Any:
     )
 
 
+def plan_report(program: Program, params: Any, *inputs: Any) -> dict[str, Any]:
+    """The plan, compiled: per-device parameter bytes (static and from XLA), FLOPs, collectives.
+
+    ``params``/``inputs`` may be ``jax.ShapeDtypeStruct``s: nothing is run, only compiled.
+    Returns a JSON-able dict; ``format_report`` renders it as text.
+    """
+    import json
+
+    from maas_jax._analysis import compiled_report
+
+    plan = _plan_of(program)
+    shardings = in_shardings(program)
+    args = (params, *inputs)
+    structs = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s), args, shardings
+    )
+    compiled = jax.jit(program, in_shardings=shardings).trace(*structs).lower().compile()
+    report = compiled_report(compiled)
+    total = sum(int(np.prod(r.shape, dtype=np.int64)) * r.dtype.itemsize for r in program.params)
+    report.update(
+        {
+            "mesh": dict(zip(plan.mesh.axis_names, map(int, plan.mesh.devices.shape), strict=True)),
+            "param_bytes_total": total,
+            "param_bytes_per_device": plan.bytes_per_device(program),
+            "replicated_param_fraction": plan.replicated_fraction(program),
+            "param_specs": {k: str(v) for k, v in plan.param_specs.items()},
+            "notes": list(plan.notes),
+        }
+    )
+    json.dumps(report)  # must stay JSON-able
+    return report
+
+
+def format_report(report: dict[str, Any], *, max_collectives: int = 12) -> str:
+    """``plan_report`` as text."""
+    lines = [
+        f"mesh {report['mesh']}",
+        f"parameters: {report['param_bytes_total'] / 2**20:.1f} MiB total, "
+        f"{report['param_bytes_per_device'] / 2**20:.1f} MiB per device, "
+        f"{100 * report['replicated_param_fraction']:.1f}% of bytes replicated",
+        f"compiled, per device: arguments {report['argument_bytes'] / 2**20:.1f} MiB, temporaries "
+        f"{report['temp_bytes'] / 2**20:.1f} MiB, {report['flops'] / 1e9:.2f} GFLOP",
+        f"{len(report['collectives'])} collectives, {report['collective_bytes'] / 2**20:.2f} MiB:",
+    ]
+    for c in report["collectives"][:max_collectives]:
+        lines.append(
+            f"  {c['kind']:<18} {c['bytes'] / 1024:10.1f} KiB  groups {c['replica_groups'][:40]:<40}"
+            f"  {c['op_name'][-60:]}"
+        )
+    if len(report["collectives"]) > max_collectives:
+        lines.append(f"  ... {len(report['collectives']) - max_collectives} more")
+    lines += [f"note: {n}" for n in report["notes"][:10]]
+    return "\n".join(lines)
+
+
 def place(program: Program, params: Any) -> Any:
     """Put ``params`` on the mesh with the plan's shardings (device_put per leaf)."""
     return jax.device_put(params, in_shardings(program)[0])
@@ -410,8 +465,10 @@ __all__ = [
     "ShardingError",
     "ShardingPlan",
     "ShardingWarning",
+    "format_report",
     "in_shardings",
     "make_plan",
+    "plan_report",
     "place",
     "resolve_spec",
     "shard",

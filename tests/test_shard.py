@@ -197,3 +197,25 @@ def test_bad_plans_are_clear_errors():
         passes.sharded_jit(prog)
     with pytest.warns(ShardingWarning, match="matched no parameter"):
         passes.shard(mesh, rules=[("nothing", (None,))])(prog)
+
+
+def test_plan_report_from_abstract_inputs():
+    import json
+
+    fn, params, x = _mlp()
+    mesh = _mesh((2, 4), ("data", "model"))
+    prog = passes.shard(mesh, preset="fsdp_tp")(maas_jax.trace(fn, params, x))
+    abstract = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), (params, x))
+    report = passes.plan_report(prog, *abstract)
+    json.dumps(report)
+    total = sum(np.asarray(v).nbytes for v in jax.tree.leaves(params))
+    assert report["param_bytes_total"] == total
+    # by hand: kernels split over model (tp) and data (fsdp) -> /8; up/bias over model -> /4;
+    # down/bias (row-parallel layer's bias) only over data (fsdp) -> /2
+    kernels, up_bias, down_bias = (16 * 64 + 64 * 16) * 4 // 8, 64 * 4 // 4, 16 * 4 // 2
+    assert report["param_bytes_per_device"] == kernels + up_bias + down_bias
+    assert report["argument_bytes"] == report["param_bytes_per_device"] + x.nbytes // 2
+    kinds = [c["kind"] for c in report["collectives"]]
+    assert "all-reduce" in kinds and all(c["bytes"] > 0 for c in report["collectives"])
+    assert report["flops"] > 0
+    assert "collectives" in passes.format_report(report)
