@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -27,10 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import qwix_baseline as qb  # noqa: E402
 from bench_quant import interleaved  # noqa: E402
+from maas_jax.passes.prune import optax_wrapper, schedules  # noqa: E402
 
 import maas_jax  # noqa: E402
 from maas_jax import passes  # noqa: E402
-from maas_jax.passes.prune import optax_wrapper, schedules  # noqa: E402
 
 
 def mlp_section(quick: bool) -> dict:

@@ -13,7 +13,8 @@ when no path rule matches; presets fill the rest:
 * ``"tp"`` — Megatron tensor parallelism over ``model``: the producer of an MLP's hidden units is
   split by columns, its consumer by rows (found by following the units through the graph, the
   analysis structured pruning uses), declared ``mlp``/``heads``/``vocab`` axes go to ``model``;
-* ``"fsdp_tp"`` — both.
+* ``"fsdp_tp"`` — both; parameters without a tensor-parallel axis are split over ``model``
+  too, so every parameter's bytes are divided by the whole mesh.
 
 Where jax would silently replicate (an axis that does not divide the dimension) the plan says
 so loudly: explicit specs raise, fallbacks are reported. The pass stores the plan in
@@ -331,6 +332,15 @@ def _preset_spec(info: Any, role: Any, cfg: Shard, sizes: dict, tp_axes: dict, b
             )
             if dims and role.shape[dims[0]] >= sizes[fsdp]:
                 out[dims[0]] = fsdp
+        if cfg.preset == "fsdp_tp" and "model" in sizes and "model" not in out:
+            # No tensor-parallel axis was found for it (attention projections, scan-stacked
+            # layers): shard it over "model" too, so every device holds 1/N of its bytes.
+            dims = sorted(
+                (d for d in range(ndim) if out[d] is None and role.shape[d] % sizes["model"] == 0),
+                key=lambda d: -role.shape[d],
+            )
+            if dims and role.shape[dims[0]] >= sizes["model"]:
+                out[dims[0]] = "model"
     return P(*out)
 
 
