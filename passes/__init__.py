@@ -41,14 +41,18 @@ from maas_jax.passes.shard import (
     ShardingWarning,
     format_report,
     in_shardings,
+    make_train_step,
     place,
     plan_report,
     shard,
     sharded_jit,
+    state_shardings,
 )
 
 __all__ = [
     "Shard",
+    "make_train_step",
+    "state_shardings",
     "format_report",
     "plan_report",
     "ShardingError",

@@ -463,6 +463,65 @@ def format_report(report: dict[str, Any], *, max_collectives: int = 12) -> str:
     return "\n".join(lines)
 
 
+def state_shardings(program: Program, state: Any) -> Any:
+    """Shardings for optimizer state that follow the parameters (optax ``mu``/``nu``, ...).
+
+    A state leaf whose path ends with a parameter's path and has its shape gets that
+    parameter's sharding (suffix matching, as MaxText's anchored rules do); scalars and
+    anything else (step counts) are replicated.
+    """
+    plan = _plan_of(program)
+    by_path = {r.path: (r.shape, plan.param_specs.get(r.path, P())) for r in program.params}
+    from maas_jax._paths import flatten_leaves
+
+    out = []
+    for leaf in flatten_leaves(state):
+        spec = P()
+        for path, (shape, pspec) in by_path.items():
+            if (leaf.path == path or leaf.path.endswith("/" + path)) and tuple(
+                np.shape(leaf.value)
+            ) == tuple(shape):
+                spec = pspec
+                break
+        out.append(plan.sharding(spec))
+    return jax.tree.unflatten(jax.tree.structure(state), out)
+
+
+def make_train_step(program: Program, tx: Any, loss: Any, *, donate: bool = True) -> Any:
+    """One compiled training step of ``program`` (after its passes) under its sharding plan.
+
+    ``loss(outputs, *inputs) -> scalar``. The step is
+    ``(params, opt_state, *inputs) -> (params, opt_state, loss)``, compiled as one program with
+    parameters, optimizer state (following its parameters) and batches sharded as planned and
+    the old parameters/state donated. Fake-quant (STE) and pruning passes in ``program`` train
+    as they are: their transforms act on the weights at their entry, the optimizer updates the
+    float weights.
+    """
+    import optax
+
+    shardings = in_shardings(program)
+    p_sh, in_sh = shardings[0], shardings[1:]
+    abstract = jax.tree.map(
+        lambda r: jax.ShapeDtypeStruct(r.shape, r.dtype),
+        jax.tree.unflatten(
+            jax.tree.structure(p_sh), [r for r in program.roles if isinstance(r, ParamRef)]
+        ),
+    )
+    o_sh = state_shardings(program, jax.eval_shape(tx.init, abstract))
+
+    def step(params: Any, opt_state: Any, *inputs: Any) -> Any:
+        value, grads = jax.value_and_grad(lambda p: loss(program(p, *inputs), *inputs))(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, value
+
+    return jax.jit(
+        step,
+        in_shardings=(p_sh, o_sh, *in_sh),
+        out_shardings=(p_sh, o_sh, None),
+        donate_argnums=(0, 1) if donate else (),
+    )
+
+
 def place(program: Program, params: Any) -> Any:
     """Put ``params`` on the mesh with the plan's shardings (device_put per leaf)."""
     return jax.device_put(params, in_shardings(program)[0])
@@ -478,6 +537,8 @@ __all__ = [
     "format_report",
     "in_shardings",
     "make_plan",
+    "make_train_step",
+    "state_shardings",
     "plan_report",
     "place",
     "resolve_spec",

@@ -219,3 +219,37 @@ def test_plan_report_from_abstract_inputs():
     assert "all-reduce" in kinds and all(c["bytes"] > 0 for c in report["collectives"])
     assert report["flops"] > 0
     assert "collectives" in passes.format_report(report)
+
+
+@pytest.mark.parametrize("preset", ["fsdp", "fsdp_tp"])
+def test_train_step_with_fake_quant_prune_and_shard_in_one_compiled_step(preset):
+    fn, params, x = _mlp()
+    target = jnp.sin(x)
+    prog = maas_jax.trace(fn, params, x)
+    before = [passes.prune(sparsity=0.3), passes.fake_quant("int8", act="int8")]
+    sharded = maas_jax.pipeline(
+        *before, passes.shard(_mesh((2, 4), ("data", "model")), preset=preset)
+    )(prog)
+    base = maas_jax.pipeline(*before)(prog)
+    tx = optax.sgd(1e-2, momentum=0.9)
+
+    def loss(out, x):
+        return jnp.mean((out - target) ** 2)
+
+    step = passes.make_train_step(sharded, tx, loss, donate=False)
+    p, s = (
+        passes.place(sharded, params),
+        jax.device_put(tx.init(params), passes.state_shardings(sharded, tx.init(params))),
+    )
+    bp, bs = params, tx.init(params)
+    for _ in range(5):
+        p, s, lval = step(p, s, x)
+        bl, g = jax.value_and_grad(lambda q: loss(base(q, x), x))(bp)
+        u, bs = tx.update(g, bs, bp)
+        bp = optax.apply_updates(bp, u)
+        _close(lval, bl)
+    _close(p, bp)
+    # optimizer state follows the parameters it belongs to
+    mu = s[0].trace["up"]["kernel"]
+    assert mu.sharding.spec == p["up"]["kernel"].sharding.spec
+    assert any(a is not None for a in mu.sharding.spec)
