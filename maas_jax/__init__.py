@@ -12,6 +12,7 @@ ordinary JAX callable that jits, differentiates, vmaps and shards.
 [1.0, 1.0]
 """
 
+from maas_jax import checkpoint, distributed  # noqa: E402  (submodules of the public API)
 from maas_jax._analysis import Collective, collectives, compiled_report
 from maas_jax._errors import (
     MaasError,
@@ -46,10 +47,14 @@ from maas_jax._report import (
     primitive_counts,
 )
 from maas_jax._select import Op, ParamInfo, Selection, predicate, select
+from maas_jax.distributed import MeshSpec  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "MeshSpec",
+    "checkpoint",
+    "distributed",
     "Collective",
     "collectives",
     "compiled_report",
