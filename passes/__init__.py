@@ -45,6 +45,7 @@ from maas_jax.passes.shard import (
     place,
     plan_report,
     shard,
+    sharded_init,
     sharded_jit,
     state_shardings,
 )
@@ -61,6 +62,7 @@ __all__ = [
     "in_shardings",
     "place",
     "shard",
+    "sharded_init",
     "sharded_jit",
     "ChannelPlan",
     "Masks",

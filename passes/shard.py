@@ -522,6 +522,13 @@ def make_train_step(program: Program, tx: Any, loss: Any, *, donate: bool = True
     )
 
 
+def sharded_init(program: Program, init_fn: Any, *args: Any) -> Any:
+    """Run ``init_fn(*args)`` (e.g. ``lambda k: model.init(k, x)``) straight into the plan's
+    shardings: the initialiser is compiled with those out-shardings, so each device creates only
+    its own shards and the full parameters never exist on one device."""
+    return jax.jit(init_fn, out_shardings=in_shardings(program)[0])(*args)
+
+
 def place(program: Program, params: Any) -> Any:
     """Put ``params`` on the mesh with the plan's shardings (device_put per leaf)."""
     return jax.device_put(params, in_shardings(program)[0])
@@ -543,5 +550,6 @@ __all__ = [
     "place",
     "resolve_spec",
     "shard",
+    "sharded_init",
     "sharded_jit",
 ]

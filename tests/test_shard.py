@@ -253,3 +253,21 @@ def test_train_step_with_fake_quant_prune_and_shard_in_one_compiled_step(preset)
     mu = s[0].trace["up"]["kernel"]
     assert mu.sharding.spec == p["up"]["kernel"].sharding.spec
     assert any(a is not None for a in mu.sharding.spec)
+
+
+def test_sharded_init_creates_only_local_shards():
+    import flax.linen as nn
+
+    model = nn.Sequential([nn.Dense(64), nn.relu, nn.Dense(16)])
+    x = jnp.ones((8, 16))
+    abstract = jax.eval_shape(model.init, jax.random.key(0), x)
+    prog = passes.shard(_mesh((8,), ("data",)), preset="fsdp")(
+        maas_jax.trace_linen(model, abstract, x)
+    )
+    params = passes.sharded_init(prog, lambda k: model.init(k, x), jax.random.key(0))
+    want = model.init(jax.random.key(0), x)
+    for got, ref in zip(jax.tree.leaves(params), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(got, ref)
+        if ref.size >= 8 * 8:  # large leaves: every device holds 1/8
+            shard_shape = got.addressable_shards[0].data.shape
+            assert np.prod(shard_shape) * 8 == ref.size
