@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import qwix_baseline as qb  # noqa: E402
-from bench_quant import interleaved  # noqa: E402
+from bench_quant import finetune, interleaved  # noqa: E402
 from maas_jax.passes.prune import optax_wrapper, schedules  # noqa: E402
 
 import maas_jax  # noqa: E402
@@ -62,27 +62,7 @@ def _finetune(model, variables, data, tx, epochs, batch=64):
     from maas_jax.models import digits
 
     x_tr, y_tr, _, _ = data
-    apply_fn = digits.make_apply(model)
-    params = variables["params"]
-    state = tx.init(params)
-
-    def loss(p, x, y):
-        logits = apply_fn({**variables, "params": p}, x)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-    @jax.jit
-    def step(p, s, x, y):
-        g = jax.grad(loss)(p, x, y)
-        u, s = tx.update(g, s, p)
-        return optax.apply_updates(p, u), s
-
-    rng = np.random.default_rng(0)
-    for _ in range(epochs):
-        order = rng.permutation(len(x_tr))
-        for i in range(0, len(order) - batch + 1, batch):
-            idx = order[i : i + batch]
-            params, state = step(params, state, x_tr[idx], y_tr[idx])
-    return {**variables, "params": params}
+    return finetune(digits.make_apply(model), variables, x_tr, y_tr, tx, epochs, batch)
 
 
 def digits_section(epochs: int) -> dict:

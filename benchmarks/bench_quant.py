@@ -158,6 +158,33 @@ def digits_section() -> dict:
     return res
 
 
+def finetune(apply_fn, variables, x_tr, y_tr, tx, epochs, batch=64):
+    """Cross-entropy fine-tuning of ``variables["params"]`` through ``apply_fn`` (a Program or a
+    model's apply), in shuffled batches of ``batch``; other collections stay fixed."""
+    import optax
+
+    params = variables["params"]
+    state = tx.init(params)
+
+    def loss(p, x, y):
+        logits = apply_fn({**variables, "params": p}, x)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    @jax.jit
+    def step(p, s, x, y):
+        g = jax.grad(loss)(p, x, y)
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    rng = np.random.default_rng(0)
+    for _ in range(epochs):
+        order = rng.permutation(len(x_tr))
+        for i in range(0, len(order) - batch + 1, batch):
+            idx = order[i : i + batch]
+            params, state = step(params, state, x_tr[idx], y_tr[idx])
+    return {**variables, "params": params}
+
+
 def qat_section(epochs: int = 4, batch: int = 64) -> dict:
     """int4 QAT: fine-tune the float digits CNN through the fake-quant program (STE)."""
     import optax
@@ -171,27 +198,8 @@ def qat_section(epochs: int = 4, batch: int = 64) -> dict:
     train_prog = quant(maas_jax.trace(apply_fn, variables, x_tr[:batch]))
     eval_prog = jax.jit(quant(maas_jax.trace(apply_fn, variables, x_te)))
     ptq = digits.accuracy(eval_prog, variables, x_te, y_te)
-    opt = optax.adam(3e-4)
-    params = variables["params"]
-    state = opt.init(params)
-
-    def loss(p, x, y):
-        logits = train_prog({**variables, "params": p}, x)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-    @jax.jit
-    def step(p, s, x, y):
-        g = jax.grad(loss)(p, x, y)
-        u, s = opt.update(g, s, p)
-        return optax.apply_updates(p, u), s
-
-    rng = np.random.default_rng(0)
-    for _ in range(epochs):
-        order = rng.permutation(len(x_tr))
-        for i in range(0, len(order) - batch + 1, batch):
-            idx = order[i : i + batch]
-            params, state = step(params, state, x_tr[idx], y_tr[idx])
-    qat = digits.accuracy(eval_prog, {**variables, "params": params}, x_te, y_te)
+    trained = finetune(train_prog, variables, x_tr, y_tr, optax.adam(3e-4), epochs, batch)
+    qat = digits.accuracy(eval_prog, trained, x_te, y_te)
     return {
         "int4 (w4a8) PTQ, before QAT": ptq,
         f"int4 (w4a8) after {epochs} epochs QAT": qat,
