@@ -271,3 +271,27 @@ def test_sharded_init_creates_only_local_shards():
         if ref.size >= 8 * 8:  # large leaves: every device holds 1/8
             shard_shape = got.addressable_shards[0].data.shape
             assert np.prod(shard_shape) * 8 == ref.size
+
+
+def test_quantization_scales_stay_inside_shards():
+    """shard then fake_quant: a row-parallel kernel's scales do not need an all-reduce."""
+    fn, params, x = _mlp()
+    prog = maas_jax.trace(fn, params, x)
+    mesh = _mesh((1, 8), ("data", "model"))
+
+    def collective_list(program):
+        compiled = (
+            passes.sharded_jit(program).trace(passes.place(program, params), x).lower().compile()
+        )
+        return sorted((c.kind, c.bytes) for c in maas_jax.collectives(compiled.as_text()))
+
+    w8 = passes.fake_quant("int8")
+    tp = passes.shard(mesh, preset="tp")
+    after = maas_jax.pipeline(tp, w8)(prog)
+    before = maas_jax.pipeline(w8, tp)(prog)
+    spec = after.meta["fake_quant"]["down/kernel"]
+    assert spec.tile == (0, 64 // 8)  # the contracted, row-sharded axis, one tile per shard
+    assert before.meta["fake_quant"]["down/kernel"].tile is None
+    # quantizing adds no collective: the same ones as the float tensor-parallel program
+    assert collective_list(after) == collective_list(tp(prog)) == [("all-reduce", 8 * 16 * 4)]
+    _close(passes.sharded_jit(after)(passes.place(after, params), x), jax.jit(after)(params, x))

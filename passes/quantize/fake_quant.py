@@ -1,5 +1,8 @@
 """``fake_quant``: quantize weights at their entry and activations at their consumers.
 
+When ``shard`` ran before it, scales never span a sharded axis (they are tiled per shard), so
+quantization adds no collective.
+
 Weights are quantized once, where the parameter enters the program (so tied and scan-stacked
 weights and every use see the same integers), with scale axes derived from how the weight is
 consumed: per-channel means one scale per output channel, shared over the axes every
@@ -21,6 +24,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from maas_jax.passes.quantize import qarray as qa
 from maas_jax.passes.quantize.numerics import QuantSpec, get_format, make_spec
 
@@ -272,7 +276,8 @@ def plan_quantization(
             if pred(info) or (already and rules[k].where is None):
                 used.add(k)
                 if not already:
-                    plan[info.path] = (_spec_for(info, rules[k], k), rules[k])
+                    spec = _spec_for(info, rules[k], k, program.meta.get("sharding"))
+                    plan[info.path] = (spec, rules[k])
                 break
     unused = [k for k in range(len(rules)) if k not in used]
     if unused and warn:
@@ -285,7 +290,7 @@ def plan_quantization(
     return plan
 
 
-def _spec_for(info: ParamInfo, rule: QuantRule, k: int) -> QuantSpec:
+def _spec_for(info: ParamInfo, rule: QuantRule, k: int, sharding: Any = None) -> QuantSpec:
     path, ndim = info.path, len(info.shape)
     if not jnp.issubdtype(info.dtype, jnp.floating):
         raise TypeError(
@@ -326,7 +331,27 @@ def _spec_for(info: ParamInfo, rule: QuantRule, k: int) -> QuantSpec:
                 f"(size {info.shape[axis]}) of {path!r} (shape {tuple(info.shape)})"
             )
         tile = (axis, rule.tile_size)
+    if tile is None and sharding is not None:
+        tile = _shard_tile(info, reduce_axes, sharding)
     return make_spec(rule.weight, reduce_axes, ndim, symmetric=rule.symmetric, tile=tile)
+
+
+def _shard_tile(info: ParamInfo, reduce_axes: tuple[int, ...], sharding: Any) -> Any:
+    """Scales that stay inside shard boundaries (no collective) when ``shard`` ran first.
+
+    A per-channel scale reduces over the contracted axes; if the sharding plan splits one of
+    them across devices, computing the scale would need an all-reduce every step. Sub-channel
+    tiles of one shard's size keep each scale local to its device.
+    """
+    spec = tuple(sharding.param_specs.get(info.path, ()))
+    sizes = dict(zip(sharding.mesh.axis_names, sharding.mesh.devices.shape, strict=True))
+    for axis in reduce_axes:
+        entry = spec[axis] if axis < len(spec) else None
+        names = (entry,) if isinstance(entry, str) else tuple(entry or ())
+        n = int(np.prod([sizes[a] for a in names])) if names else 1
+        if n > 1 and info.shape[axis] % n == 0:
+            return (axis, info.shape[axis] // n)
+    return None
 
 
 def _contracted_dims(use: Any) -> tuple[int, ...]:
