@@ -38,7 +38,6 @@ from jax.sharding import PartitionSpec as P
 
 from maas_jax import MaasError, ParamRef, PassRecord, Program, Rewrite, rewrite
 from maas_jax._compat import bind_eqn
-from maas_jax._provenance import join_name_stack  # noqa: F401  (documented helper)
 from maas_jax._select import param_infos
 
 DEFAULT_LOGICAL_RULES: tuple[tuple[str, str | None], ...] = (
