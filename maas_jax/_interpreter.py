@@ -31,7 +31,7 @@ from maas_jax._errors import (
     RewriteError,
     UnsupportedPrimitiveError,
 )
-from maas_jax._liveness import live_equations, used_operands
+from maas_jax._liveness import live_equations, readers, used_operands
 from maas_jax._program import ParamRef, Program
 from maas_jax._provenance import Site, Tag
 
@@ -126,11 +126,7 @@ def _entry_points(program: Program, spec: Rewrite) -> dict[Any, tuple[ParamRef, 
     the marker chain that something other than a marker reads is an entry point.
     """
     jaxpr = program.jaxpr.jaxpr
-    readers: dict[Any, list[jcore.JaxprEqn]] = {}
-    for eqn in jaxpr.eqns:
-        for v in eqn.invars:
-            if not isinstance(v, jcore.Literal):
-                readers.setdefault(v, []).append(eqn)
+    reading = readers(jaxpr)
     outputs = {v for v in jaxpr.outvars if not isinstance(v, jcore.Literal)}
     points: dict[Any, tuple[ParamRef, Any]] = {}
     for role, invar in zip(program.roles, jaxpr.invars, strict=True):
@@ -139,7 +135,7 @@ def _entry_points(program: Program, spec: Rewrite) -> dict[Any, tuple[ParamRef, 
         stack = [invar]
         while stack:
             v = stack.pop()
-            eqns = readers.get(v, [])
+            eqns = reading.get(v, [])
             markers = [e for e in eqns if _provenance.is_marker(e) and e.invars[0] is v]
             if len(eqns) > len(markers) or v in outputs or not markers:
                 points[v] = (role, spec.entry[role.path])
@@ -321,7 +317,7 @@ class Interpreter:
         def read(v: Any) -> Any:
             return v.val if isinstance(v, jcore.Literal) else env[v]
 
-        live = _live_equations(jaxpr) if self.spec.drop_dead else None
+        live = live_equations(jaxpr) if self.spec.drop_dead else None
         for k, eqn in enumerate(jaxpr.eqns):
             if live is not None and not live[k]:
                 continue
@@ -404,7 +400,7 @@ class Interpreter:
 
     def _jaxpr_touched(self, jaxpr: jcore.Jaxpr) -> bool:
         if self.spec.drop_dead and (
-            not all(_live_equations(jaxpr))
+            not all(live_equations(jaxpr))
             or any(not all(used_operands(e)) for e in jaxpr.eqns if _compat.hop_kind(e))
         ):
             return True
@@ -499,7 +495,3 @@ _SHAPE_PARAM_RULES = {
     "reshape": _reshape_rule,
     "conv_general_dilated": _conv_rule,
 }
-
-
-def _live_equations(jaxpr: jcore.Jaxpr) -> list[bool]:
-    return live_equations(jaxpr)

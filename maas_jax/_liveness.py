@@ -16,6 +16,16 @@ def _is_var(v: object) -> bool:
     return not isinstance(v, jcore.Literal)
 
 
+def readers(jaxpr: jcore.Jaxpr) -> dict[object, list[jcore.JaxprEqn]]:
+    """For each variable of ``jaxpr``'s top level: the equations that read it, in order."""
+    out: dict[object, list[jcore.JaxprEqn]] = {}
+    for eqn in jaxpr.eqns:
+        for v in eqn.invars:
+            if _is_var(v):
+                out.setdefault(v, []).append(eqn)
+    return out
+
+
 def used_invars(jaxpr: jcore.Jaxpr) -> list[bool]:
     """For each input of ``jaxpr``: whether a live equation or an output needs it."""
     live, needed = _analyse(jaxpr)

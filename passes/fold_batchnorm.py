@@ -82,6 +82,7 @@ from maas_jax import (
     apply_marked,
 )
 from maas_jax._interpreter import Interpreter, materialize
+from maas_jax._liveness import readers
 
 MARKER = "maas_fold_batchnorm"
 
@@ -179,11 +180,7 @@ def find_chains(program: Program) -> list[Chain]:
     """Every foldable contraction + per-channel affine chain at the program's top level."""
     jaxpr = program.jaxpr.jaxpr
     kind = _kinds(program)
-    uses: dict[Any, list[jcore.JaxprEqn]] = {}
-    for eqn in jaxpr.eqns:
-        for v in eqn.invars:
-            if not isinstance(v, jcore.Literal):
-                uses.setdefault(v, []).append(eqn)
+    uses = readers(jaxpr)
     outputs = {v for v in jaxpr.outvars if not isinstance(v, jcore.Literal)}
     tags: dict[int, tuple[_provenance.Tag | None, ...]] = {}
 

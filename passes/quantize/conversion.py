@@ -30,7 +30,7 @@ from maas_jax.passes.quantize.numerics import pack_int4, unpack_int4
 
 from maas_jax import MaasError, ParamRef, PassRecord, Program, Rewrite, rewrite
 from maas_jax._compat import custom_call_name, hop_kind, jit_name, source_line
-from maas_jax._liveness import live_equations as _live_equations
+from maas_jax._liveness import live_equations
 from maas_jax._paths import flatten_leaves
 from maas_jax._provenance import Site, initial_tags, walk
 
@@ -164,7 +164,7 @@ def _surgery(program: Program, pack: bool) -> Program:
     marker_ids = {id(e) for e in markers.values()}
     eqns = [e for e in jaxpr.eqns if id(e) not in marker_ids]
     body = jaxpr.replace(eqns=eqns)
-    live = _live_equations(body)
+    live = live_equations(body)
     body = body.replace(eqns=[e for e, keep in zip(eqns, live, strict=True) if keep])
     used = {v for e in body.eqns for v in e.invars if not isinstance(v, jcore.Literal)}
     used |= {v for v in body.outvars if not isinstance(v, jcore.Literal)}
@@ -300,7 +300,7 @@ def _slice(jaxpr: jcore.Jaxpr, consts: list[Any], target: jcore.JaxprEqn) -> tup
     """A function computing ``target``'s outputs from the program inputs it depends on."""
     k = next(i for i, e in enumerate(jaxpr.eqns) if e is target)
     sub = jaxpr.replace(eqns=jaxpr.eqns[: k + 1], outvars=list(target.outvars))
-    live = _live_equations(sub)
+    live = live_equations(sub)
     eqns = [e for e, keep in zip(sub.eqns, live, strict=True) if keep]
     needed_vars = {v for e in eqns for v in e.invars if not isinstance(v, jcore.Literal)}
     needed = [v for v in jaxpr.invars if v in needed_vars]
