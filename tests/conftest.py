@@ -8,3 +8,8 @@ import jax
 
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_enable_x64", False)
+
+# Keras 3 picks its backend at import time: the third-party model tests use the JAX one.
+import os  # noqa: E402
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
