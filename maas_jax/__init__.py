@@ -46,10 +46,21 @@ from maas_jax._report import (
     param_report,
     primitive_counts,
 )
-from maas_jax._select import Op, ParamInfo, Selection, predicate, select
+from maas_jax._select import Op, ParamInfo, Path, Selection, predicate, select
 from maas_jax.distributed import MeshSpec  # noqa: E402
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # ``import maas_jax`` then ``maas_jax.passes``: the pass library imports the core, so it
+    # is loaded on first access rather than here (that would be a circular import).
+    if name == "passes":
+        import importlib
+
+        return importlib.import_module("maas_jax.passes")
+    raise AttributeError(f"module 'maas_jax' has no attribute {name!r}")
+
 
 __all__ = [
     "MeshSpec",
@@ -65,6 +76,7 @@ __all__ = [
     "OpaqueRegionWarning",
     "ParamInfo",
     "ParamRef",
+    "Path",
     "Pass",
     "PassError",
     "PassRecord",

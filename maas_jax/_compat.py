@@ -53,8 +53,16 @@ VIEW_PRIMITIVES = frozenset(
         "mesh_cast",
         "reshard",
         "reduce_precision",
+        # Sub-blocks of the operand (``W[i]``, ``W[:, 1:3]``, ``dynamic_slice`` in a loop): the
+        # value is still (part of) the parameter; dimensions map back one-to-one.
+        "slice",
+        "dynamic_slice",
     }
 )
+
+# A ``gather`` whose indices are constants (``W[jnp.array([0, 2])]``) is a view too; one whose
+# indices come from the inputs (an embedding lookup) is a *use* of the table.
+GATHER_PRIMITIVE = "gather"
 
 CONTRACTION_PRIMITIVES = frozenset({"dot_general", "conv_general_dilated", "ragged_dot_general"})
 
@@ -235,6 +243,18 @@ def contraction_summary(eqn: jcore.JaxprEqn) -> dict[str, Any]:
             "feature_group_count": p["feature_group_count"],
         }
     return {}
+
+
+def gather_summary(eqn: jcore.JaxprEqn) -> dict[str, Any]:
+    """A gather's dimension numbers and slice sizes, as plain data."""
+    dn = eqn.params["dimension_numbers"]
+    return {
+        "offset_dims": tuple(dn.offset_dims),
+        "collapsed_slice_dims": tuple(dn.collapsed_slice_dims),
+        "start_index_map": tuple(dn.start_index_map),
+        "operand_batching_dims": tuple(getattr(dn, "operand_batching_dims", ())),
+        "slice_sizes": tuple(eqn.params["slice_sizes"]),
+    }
 
 
 def aval_struct(aval: Any) -> jax.ShapeDtypeStruct:

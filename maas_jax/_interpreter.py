@@ -241,6 +241,32 @@ def materialize(x: Any) -> Any:
     return x.__maas_materialize__() if is_lifted(x) else x
 
 
+def lifted_view(eqn: jcore.JaxprEqn, invals: list[Any]) -> Any:
+    """A view op applied to a value object (``__maas_view__``), or None to materialize it.
+
+    A value object that passes through reshape / slice / squeeze / transpose / gather keeps
+    being itself, with the spec of the result: a quantized weight stays quantized.
+    """
+    if any(is_lifted(v) for v in invals[1:]):
+        return None
+    view = getattr(invals[0], "__maas_view__", None)
+    return None if view is None else view(eqn, list(invals[1:]))
+
+
+def scan_prepare(x: Any) -> Any:
+    """A value object about to be sliced by scan (``xs``): leaves at full length, or plain."""
+    if not is_lifted(x):
+        return x
+    prep = getattr(x, "__maas_scan_prepare__", None)
+    out = prep() if prep is not None else None
+    return materialize(x) if out is None else out
+
+
+def scan_slice(x: Any) -> Any:
+    """One iteration's slice of a value object: its spec loses the leading (layer) axis."""
+    return x.__maas_scan_slice__() if is_lifted(x) else x
+
+
 class Interpreter:
     """Evaluates jaxprs under a :class:`Rewrite`, equation by equation."""
 
@@ -313,6 +339,7 @@ class Interpreter:
         for v, x, t in zip(jaxpr.invars, args, in_tags, strict=True):
             env[v] = x
             tenv[v] = t
+        consts_: set[Any] = set(jaxpr.constvars)
 
         def read(v: Any) -> Any:
             return v.val if isinstance(v, jcore.Literal) else env[v]
@@ -324,7 +351,9 @@ class Interpreter:
             invals = [read(v) for v in eqn.invars]
             tags = tuple(None if isinstance(v, jcore.Literal) else tenv.get(v) for v in eqn.invars)
             ns = _provenance.join_name_stack(name_stack, eqn)
-            site = Site(eqn, tags, ns, regions)
+            flags = _provenance.constant_flags(eqn, consts_)
+            _provenance.note_constants(eqn, flags, consts_)
+            site = Site(eqn, tags, ns, regions, flags)
             bind_ns = _compat.current_name_stack() + _compat.eqn_name_stack(eqn)
             with _compat.eqn_context(eqn, bind_ns):
                 try:
@@ -338,7 +367,7 @@ class Interpreter:
                         f"{type(e).__name__}: {e}"
                     ) from e
             out_tags = (
-                _provenance.eqn_out_tags(eqn, tags, None, ns, regions)
+                _provenance.eqn_out_tags(eqn, tags, None, ns, regions, constant=flags)
                 if self.spec.rule is not None
                 else [None] * len(eqn.outvars)
             )
@@ -358,6 +387,10 @@ class Interpreter:
             out = spec.rule(site, invals)
             if out is not None:
                 return list(out)
+        if invals and is_lifted(invals[0]) and _provenance.is_view(eqn, site.constant):
+            viewed = lifted_view(eqn, invals)
+            if viewed is not None:
+                return [viewed]
         kind = _compat.hop_kind(eqn)
         reshaped = spec.reshape and shapes_changed(eqn, invals)
         if (

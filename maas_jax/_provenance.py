@@ -61,6 +61,7 @@ class Use:
     sliced: int = 0
     transforms: tuple[str, ...] = ()
     opaque: bool = False
+    shape: tuple[int, ...] = ()  # the operand as the equation sees it (after the views)
 
     def describe(self) -> str:
         where = " > ".join(self.regions) if self.regions else "top level"
@@ -81,6 +82,7 @@ class Site:
     in_tags: tuple[Tag | None, ...]
     name_stack: str
     regions: tuple[str, ...]
+    constant: tuple[bool, ...] = ()  # which operands are constants (see is_view)
 
     @property
     def primitive(self) -> str:
@@ -102,15 +104,52 @@ def is_marker(eqn: jcore.JaxprEqn) -> bool:
     return _compat.hop_kind(eqn) == "jit" and _compat.jit_name(eqn).startswith(MARKER_PREFIX)
 
 
-_VIEW_KEYS = ("permutation", "new_sizes", "dimensions", "shape", "broadcast_dimensions")
+_VIEW_KEYS = (
+    "permutation",
+    "new_sizes",
+    "dimensions",
+    "shape",
+    "broadcast_dimensions",
+    "start_indices",
+    "limit_indices",
+    "strides",
+    "slice_sizes",
+)
 
 
 def _view_summary(eqn: jcore.JaxprEqn) -> tuple[tuple[str, Any], ...]:
     """The view's shape-relevant params and its input shape, as hashable data."""
     p = eqn.params
-    items = [(k, p[k]) for k in _VIEW_KEYS if p.get(k) is not None]
+    if eqn.primitive.name == _compat.GATHER_PRIMITIVE:
+        items = list(_compat.gather_summary(eqn).items())
+    else:
+        items = [(k, p[k]) for k in _VIEW_KEYS if p.get(k) is not None]
     items.append(("in_shape", tuple(eqn.invars[0].aval.shape)))
     return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in items)
+
+
+def is_view(eqn: jcore.JaxprEqn, constant: Sequence[bool] = ()) -> bool:
+    """Whether ``eqn``'s output is its first operand seen differently (a view of it).
+
+    ``constant`` flags which operands are constants (a ``gather`` with constant indices such as
+    ``W[jnp.array([0, 2])]`` selects rows of the parameter; with indices from the inputs it is
+    an embedding lookup, a *use* of the table).
+    """
+    name = eqn.primitive.name
+    if name in _compat.VIEW_PRIMITIVES:
+        return True
+    return name == _compat.GATHER_PRIMITIVE and len(constant) > 1 and bool(constant[1])
+
+
+def constant_flags(eqn: jcore.JaxprEqn, consts: set[Any]) -> tuple[bool, ...]:
+    """Which operands of ``eqn`` are literals or computed from constants only."""
+    return tuple(isinstance(v, jcore.Literal) or v in consts for v in eqn.invars)
+
+
+def note_constants(eqn: jcore.JaxprEqn, flags: Sequence[bool], consts: set[Any]) -> None:
+    """Record ``eqn``'s outputs as constants when every operand is (``iota``, index math)."""
+    if all(flags) and not _compat.sub_jaxprs(eqn):
+        consts.update(eqn.outvars)
 
 
 def view_out_tag(eqn: jcore.JaxprEqn, in_tags: Sequence[Tag | None]) -> Tag | None:
@@ -190,15 +229,18 @@ def walk(
 ) -> list[Tag | None]:
     """Visit every equation of ``jaxpr`` and its sub-jaxprs; return the output tags."""
     env: dict[Any, Tag | None] = dict(zip(jaxpr.invars, in_tags, strict=True))
+    consts: set[Any] = set(jaxpr.constvars)
 
     def read(v: Any) -> Tag | None:
         return None if isinstance(v, jcore.Literal) else env.get(v)
 
     for eqn in jaxpr.eqns:
         tags = tuple(read(v) for v in eqn.invars)
+        flags = constant_flags(eqn, consts)
+        note_constants(eqn, flags, consts)
         ns = join_name_stack(name_stack, eqn)
-        visit(Site(eqn, tags, ns, regions_ + (("opaque",) if opaque else ())))
-        outs = eqn_out_tags(eqn, tags, visit, ns, regions_, opaque)
+        visit(Site(eqn, tags, ns, regions_ + (("opaque",) if opaque else ()), flags))
+        outs = eqn_out_tags(eqn, tags, visit, ns, regions_, opaque, flags)
         for v, t in zip(eqn.outvars, outs, strict=True):
             env[v] = t
     return [read(v) for v in jaxpr.outvars]
@@ -211,10 +253,14 @@ def eqn_out_tags(
     ns: str,
     regions_: tuple[str, ...],
     opaque: bool = False,
+    constant: Sequence[bool] = (),
 ) -> list[Tag | None]:
-    """Tags of ``eqn``'s outputs; recurses into regions (visiting them) when ``visit`` is set."""
+    """Tags of ``eqn``'s outputs; recurses into regions (visiting them) when ``visit`` is set.
+
+    ``constant`` flags the operands that are constants (see :func:`is_view`).
+    """
     n_out = len(eqn.outvars)
-    if eqn.primitive.name in _compat.VIEW_PRIMITIVES:
+    if is_view(eqn, constant):
         return [view_out_tag(eqn, tags)] + [None] * (n_out - 1)
     if is_marker(eqn):
         t = tags[0] if tags else None
@@ -266,13 +312,16 @@ def initial_tags(program: Program) -> list[Tag | None]:
 
 def _uses_from_site(site: Site) -> list[Use]:
     eqn = site.eqn
-    if eqn.primitive.name in _compat.VIEW_PRIMITIVES or is_marker(eqn):
+    if is_view(eqn, site.constant) or is_marker(eqn):
         return []
     kind = _compat.hop_kind(eqn)
     if kind is not None:
         return []  # the region's own equations are the uses
     opaque = bool(_compat.sub_jaxprs(eqn))
-    dims = tuple(sorted(_compat.contraction_summary(eqn).items()))
+    if eqn.primitive.name == _compat.GATHER_PRIMITIVE:
+        dims = tuple(sorted(_compat.gather_summary(eqn).items()))  # a table lookup
+    else:
+        dims = tuple(sorted(_compat.contraction_summary(eqn).items()))
     out = []
     for i, t in enumerate(site.in_tags):
         if t is not None:
@@ -289,6 +338,7 @@ def _uses_from_site(site: Site) -> list[Use]:
                     t.sliced,
                     t.transforms,
                     opaque,
+                    tuple(eqn.invars[i].aval.shape),
                 )
             )
     return out
@@ -363,7 +413,109 @@ def _back(name: str, p: dict[str, Any], d: int) -> int | None:
         return kept[d]
     if name == "reshape":
         return _reshape_back(tuple(p["in_shape"]), tuple(p["new_sizes"]), d)
-    return d  # dtype/layout-only views keep dimensions
+    if name == "gather":
+        return _gather_back(p, d)
+    return d  # dtype/layout-only views and slices keep dimensions
+
+
+def _gather_back(p: dict[str, Any], d: int) -> int | None:
+    """The operand axis an output axis of a gather is (an offset axis), else None."""
+    offset = tuple(p["offset_dims"])
+    if d not in offset:
+        return None  # an axis of the indices
+    dropped = set(p["collapsed_slice_dims"]) | set(p["operand_batching_dims"])
+    kept = [i for i in range(len(p["in_shape"])) if i not in dropped]
+    return kept[offset.index(d)]
+
+
+def map_dims_to_param_axes(
+    dims: Sequence[int], views: Sequence[tuple[str, Any]]
+) -> tuple[set[int], bool]:
+    """The parameter axes whose elements feed ``dims`` of a viewed operand.
+
+    Unlike :func:`map_dims_to_param`, a reshape that merged axes maps back to *all* of them
+    (``w.reshape(a * b, c)`` contracted over its first axis contracts ``w``'s axes 0 and 1),
+    and an axis that the views created (a broadcast) maps to nothing: the parameter has no such
+    axis. Returns ``(axes, exact)``; ``exact`` is False when some view could not be mapped (an
+    unknown view), so the caller must be conservative.
+
+    >>> map_dims_to_param_axes([0], [("reshape", (("new_sizes", (6, 4)), ("in_shape", (2, 3, 4))))])
+    ({0, 1}, True)
+    """
+    current: list[set[int]] = [{d} for d in dims]
+    exact = True
+    for name, summary in reversed(list(views)):
+        p = dict(summary)
+        nxt: list[set[int]] = []
+        for axes in current:
+            out: set[int] = set()
+            for d in axes:
+                if name == "reshape":
+                    out |= _reshape_group(tuple(p["in_shape"]), tuple(p["new_sizes"]), d)
+                elif name == "broadcast_in_dim":
+                    bd = tuple(p["broadcast_dimensions"])
+                    if d in bd:
+                        out.add(bd.index(d))
+                else:
+                    back = _back(name, p, d)
+                    if back is not None:
+                        out.add(back)
+                    elif name != "gather":
+                        exact = False
+            nxt.append(out)
+        current = nxt
+    return set().union(*current) if current else set(), exact
+
+
+def reshape_groups(
+    in_shape: tuple[int, ...], out_shape: tuple[int, ...]
+) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Split a reshape into groups ``(in_axes, out_axes)`` of equal element count.
+
+    Size-1 axes join the group they sit next to. ``(3, 3, C, 1) -> (3, 3, 1, C)`` is
+    ``[((0,), (0,)), ((1,), (1,)), ((2, 3), (2, 3))]``.
+
+    >>> reshape_groups((2, 3, 4), (6, 4))
+    [((0, 1), (0,)), ((2,), (1,))]
+    """
+    import math
+
+    groups: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+    i = j = 0
+    n, m = len(in_shape), len(out_shape)
+    while i < n or j < m:
+        gi, gj = [], []
+        pi = pj = 1
+        while True:
+            if i < n and (pi <= pj or j >= m):
+                pi *= in_shape[i]
+                gi.append(i)
+                i += 1
+            elif j < m:
+                pj *= out_shape[j]
+                gj.append(j)
+                j += 1
+            if pi == pj and (gi or gj):
+                # absorb trailing size-1 axes into this group
+                while i < n and in_shape[i] == 1 and (j >= m or out_shape[j] != 1):
+                    gi.append(i)
+                    i += 1
+                while j < m and out_shape[j] == 1 and (i >= n or in_shape[i] != 1):
+                    gj.append(j)
+                    j += 1
+                if i >= n and j >= m or (gi and gj) or math.prod(in_shape[i:]) == 1:
+                    break
+            if i >= n and j >= m:
+                break
+        groups.append((tuple(gi), tuple(gj)))
+    return groups
+
+
+def _reshape_group(in_shape: tuple[int, ...], out_shape: tuple[int, ...], d: int) -> set[int]:
+    for gi, gj in reshape_groups(in_shape, out_shape):
+        if d in gj:
+            return {i for i in gi if in_shape[i] != 1} or set(gi)
+    return set()
 
 
 def _reshape_back(in_shape: tuple[int, ...], out_shape: tuple[int, ...], d: int) -> int | None:
@@ -375,3 +527,142 @@ def _reshape_back(in_shape: tuple[int, ...], out_shape: tuple[int, ...], d: int)
         if math.prod(in_shape[:i]) == before and n == size:
             return i
     return None
+
+
+# ---- lineage: which values are computed from parameters alone ---------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Lineage:
+    """A value computed from parameters (and constants) only, with no input in its history.
+
+    Views keep a parameter's identity (:class:`Tag`); lineage is wider: a dequantized weight
+    (``q * scale``), a folded kernel (``w * gamma / sqrt(var)``), ``w.reshape(...)`` or
+    ``W[i]`` all derive from parameters alone. ``transforms`` are the marker regions (pass
+    transforms) on the way. Coverage uses it so that a contraction whose operand *derives* from
+    a parameter is counted, whatever ops stand between them.
+    """
+
+    paths: frozenset[str]
+    transforms: tuple[str, ...] = ()
+
+    def join(self, other: Lineage) -> Lineage:
+        return Lineage(
+            self.paths | other.paths, tuple(dict.fromkeys(self.transforms + other.transforms))
+        )
+
+
+CONSTANT = Lineage(frozenset())  # literals, closed-over constants, iota
+
+
+def _lineage_regions(
+    eqn: jcore.JaxprEqn, lins: tuple[Lineage | None, ...]
+) -> list[tuple[str, jcore.ClosedJaxpr, tuple[Lineage | None, ...], bool]]:
+    """Like :func:`regions`, for lineages (scan xs keep theirs; loop carries are activations)."""
+    kind = _compat.hop_kind(eqn)
+    if kind in ("jit", "call"):
+        return [(kind, _compat.jit_jaxpr(eqn), lins, True)]
+    if kind == "remat":
+        return [(kind, _compat.remat_body(eqn), lins, True)]
+    if kind in ("custom_jvp", "custom_vjp"):
+        return [(kind, _compat.custom_call_body(eqn), lins, True)]
+    if kind == "shard_map":
+        return [(kind, _compat.shard_map_body(eqn), lins, True)]
+    if kind == "scan":
+        n_consts, n_carry = _compat.scan_layout(eqn)
+        sub = (*lins[:n_consts], *([None] * n_carry), *lins[n_consts + n_carry :])
+        return [(kind, _compat.scan_body(eqn), sub, False)]
+    if kind == "while":
+        cond, n_cond, body, n_body = _compat.while_parts(eqn)
+        carry = (None,) * (len(lins) - n_cond - n_body)
+        return [
+            ("while_cond", cond, (*lins[:n_cond], *carry), False),
+            ("while", body, (*lins[n_cond : n_cond + n_body], *carry), False),
+        ]
+    if kind == "cond":
+        return [("cond", b, lins[1:], True) for b in _compat.cond_branches(eqn)]
+    return []
+
+
+LineageVisitor = Callable[[Site, tuple["Lineage | None", ...]], None]
+
+
+def walk_lineage(
+    jaxpr: jcore.Jaxpr,
+    in_lins: Sequence[Lineage | None],
+    visit: LineageVisitor,
+    *,
+    name_stack: str = "",
+    regions_: tuple[str, ...] = (),
+    opaque: bool = False,
+) -> list[Lineage | None]:
+    """Visit every equation with the lineage of its operands (None: depends on an input).
+
+    Bodies of unknown higher-order primitives are visited too, with ``"opaque"`` appended to
+    the sites' regions (nothing is known about what flows in).
+    """
+    env: dict[Any, Lineage | None] = dict(zip(jaxpr.invars, in_lins, strict=True))
+    for v in jaxpr.constvars:
+        env[v] = CONSTANT
+
+    def read(v: Any) -> Lineage | None:
+        return CONSTANT if isinstance(v, jcore.Literal) else env.get(v)
+
+    for eqn in jaxpr.eqns:
+        lins = tuple(read(v) for v in eqn.invars)
+        ns = join_name_stack(name_stack, eqn)
+        visit(Site(eqn, (), ns, regions_ + (("opaque",) if opaque else ())), lins)
+        outs: list[Lineage | None]
+        kind = _compat.hop_kind(eqn)
+        if kind is None and _compat.sub_jaxprs(eqn):
+            for sub in _compat.sub_jaxprs(eqn):
+                walk_lineage(
+                    sub,
+                    [None] * len(sub.invars),
+                    visit,
+                    name_stack=ns,
+                    regions_=(*regions_, eqn.primitive.name),
+                    opaque=True,
+                )
+        if is_marker(eqn) and lins and lins[0] is not None:
+            name = _compat.jit_name(eqn)
+            base = lins[0]
+            for other in lins[1:]:
+                base = base if other is None else base.join(other)
+            marked = Lineage(base.paths, tuple(dict.fromkeys((*base.transforms, name))))
+            outs = [marked] * len(eqn.outvars)
+        elif kind is not None and not is_marker(eqn):
+            outs = [None] * len(eqn.outvars)
+            first = True
+            for rkind, closed, sub_lins, maps in _lineage_regions(eqn, lins):
+                sub_out = walk_lineage(
+                    closed.jaxpr,
+                    sub_lins,
+                    visit,
+                    name_stack=ns,
+                    regions_=(*regions_, rkind),
+                    opaque=opaque,
+                )
+                if maps:  # cond: an output keeps a lineage only if every branch agrees
+                    outs = (
+                        sub_out
+                        if first
+                        else [a if a == b else None for a, b in zip(outs, sub_out, strict=True)]
+                    )
+                    first = False
+        elif any(x is None for x in lins):
+            outs = [None] * len(eqn.outvars)
+        else:
+            joined = CONSTANT
+            for x in lins:
+                joined = joined.join(x)  # type: ignore[union-attr]
+            outs = [joined] * len(eqn.outvars)
+        for v, lin in zip(eqn.outvars, outs, strict=True):
+            env[v] = lin
+    return [read(v) for v in jaxpr.outvars]
+
+
+def initial_lineages(program: Program) -> list[Lineage | None]:
+    return [
+        Lineage(frozenset({r.path})) if isinstance(r, ParamRef) else None for r in program.roles
+    ]

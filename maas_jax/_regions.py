@@ -21,7 +21,13 @@ from jax import lax
 
 from maas_jax import _compat, _provenance
 from maas_jax._errors import MaasError
-from maas_jax._interpreter import is_lifted, materialize, shapes_changed
+from maas_jax._interpreter import (
+    is_lifted,
+    materialize,
+    scan_prepare,
+    scan_slice,
+    shapes_changed,
+)
 from maas_jax._provenance import Site
 
 
@@ -104,9 +110,12 @@ def _scan(interp: Any, site: Site, invals: list[Any]) -> list[Any]:
     (region,) = _provenance.regions(eqn, site.in_tags)
     body = _body_fn(interp, region, site)
     consts = invals[:n_consts]
-    init = tuple(invals[n_consts : n_consts + n_carry])
+    # Carries come back from the body as plain arrays: they must enter as plain arrays too.
+    init = tuple(materialize(v) for v in invals[n_consts : n_consts + n_carry])
     xs_mask = interp.operand_mask(eqn)[n_consts + n_carry :]
-    xs = tuple(x for x, m in zip(invals[n_consts + n_carry :], xs_mask, strict=True) if m)
+    xs = tuple(
+        scan_prepare(x) for x, m in zip(invals[n_consts + n_carry :], xs_mask, strict=True) if m
+    )
 
     keys = interp.region_keys(eqn)
     sides = [interp.spec.side_outputs[k] for k in keys]
@@ -114,7 +123,8 @@ def _scan(interp: Any, site: Site, invals: list[Any]) -> list[Any]:
     def step(carry_ext: Any, x: tuple[Any, ...]) -> tuple[Any, tuple[Any, ...]]:
         carry, stats = carry_ext
         it = iter(x)
-        full_x = [next(it) if m else None for m in xs_mask]  # unused slices are never read
+        # Unused slices are never read; a value object's slice gets the spec of one layer.
+        full_x = [scan_slice(next(it)) if m else None for m in xs_mask]
         outs, new = interp.collect(keys, lambda: body(*consts, *carry, *full_x))
         # Statistics of every iteration merge into a carry (e.g. the max over layers).
         merged = tuple(sd.combine(a, b) for sd, a, b in zip(sides, stats, new, strict=True))
@@ -134,7 +144,7 @@ def _while(interp: Any, site: Site, invals: list[Any]) -> list[Any]:
     body = _body_fn(interp, body_region, site)
     cond_consts = invals[:n_cond]
     body_consts = invals[n_cond : n_cond + n_body]
-    init = tuple(invals[n_cond + n_body :])
+    init = tuple(materialize(v) for v in invals[n_cond + n_body :])
     keys = interp.region_keys(eqn)
     sides = [interp.spec.side_outputs[k] for k in keys]
 
@@ -210,18 +220,30 @@ def _shard_map(interp: Any, site: Site, invals: list[Any]) -> list[Any]:
             f"at {site.source}; use dynamic activation quantization for the layers inside it."
         )
     mask = interp.operand_mask(site.eqn)
-    inner, used = _used_only(mask, lambda *a: tuple(body(*a)), invals)
-    in_specs = tuple(s for s, m in zip(opts["in_specs"], mask, strict=True) if m)
+    inner, _ = _used_only(mask, lambda *a: tuple(body(*a)), invals)
+    in_specs = []
+    vals = []
+    for v, s, m in zip(invals, opts["in_specs"], mask, strict=True):
+        if not m:
+            continue
+        # A value object (a quantized weight) enters with one partition spec per leaf, so the
+        # body still sees it quantized (w8a8 inside shard_map stays w8a8).
+        specs_of = getattr(v, "__maas_shard_specs__", None) if is_lifted(v) else None
+        if specs_of is not None:
+            in_specs.append(specs_of(s))
+            vals.append(v)
+        else:
+            in_specs.append(s)
+            vals.append(materialize(v))
     fn = jax.shard_map(
         inner,
         mesh=opts["mesh"],
-        in_specs=in_specs,
+        in_specs=tuple(in_specs),
         out_specs=opts["out_specs"],
         axis_names=opts["axis_names"],
         check_vma=opts["check_vma"],
     )
-    # Value objects (quantized arrays) would need a spec per leaf: pass plain arrays in.
-    return list(fn(*[materialize(v) for v in used]))
+    return list(fn(*vals))
 
 
 HANDLERS: dict[str, Callable[[Any, Site, list[Any]], list[Any]]] = {

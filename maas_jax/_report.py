@@ -10,36 +10,75 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
+from maas_jax._compat import CONTRACTION_PRIMITIVES
 from maas_jax._program import Program
-from maas_jax._provenance import MARKER_PREFIX, Site, consumers, contraction_sites
+from maas_jax._provenance import (
+    MARKER_PREFIX,
+    Lineage,
+    Site,
+    consumers,
+    initial_lineages,
+    walk_lineage,
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class CoverageEntry:
+    """One contraction: its operands (parameter paths or ``"activation"``) and what touched it.
+
+    An operand counts as a parameter when it is computed from parameters alone (a view, a
+    dequantized or folded weight, ``w.reshape(...)``, ``W[i]``); several parameters are joined
+    with ``+``. ``int_operands`` says whether it runs on integers (``s8 x s8``).
+    """
+
     primitive: str
     name_stack: str
     source: str
     regions: tuple[str, ...]
-    operands: tuple[str, ...]  # "params/x" or "activation"
+    operands: tuple[str, ...]  # "params/x" (or "a+b") or "activation" / "constant"
     touched_by: tuple[str, ...]
     opaque: bool  # inside a region no rewrite can reach (unknown primitive)
     in_custom: bool  # inside a custom_jvp/custom_vjp region (left opaque by default)
+    int_operands: bool = False
 
     @property
     def touched(self) -> bool:
         return bool(self.touched_by)
 
+    @property
+    def has_param(self) -> bool:
+        return any(o not in ("activation", "constant") for o in self.operands)
 
-def _entry(site: Site) -> CoverageEntry:
+    @property
+    def untouched_weight(self) -> bool:
+        """A contraction with a parameter operand that no pass transformed: a likely skip."""
+        return self.has_param and not self.touched
+
+
+def _entry(site: Site, lins: tuple[Lineage | None, ...], history: Any) -> CoverageEntry:
     operands, touched = [], []
-    for t in site.in_tags:
-        if t is None:
+    for lin in lins[:2]:
+        if lin is None:
             operands.append("activation")
+        elif not lin.paths:
+            operands.append("constant")
         else:
-            operands.append(t.path)
-            touched.extend(x.removeprefix(MARKER_PREFIX) for x in t.transforms)
+            operands.append("+".join(sorted(lin.paths)))
+            touched.extend(x.removeprefix(MARKER_PREFIX) for x in lin.transforms)
+            for path in lin.paths:  # stored integers of a converted program
+                touched.extend(history.get(path, ()))
+    if MARKER_PREFIX in site.name_stack:  # a rule rewrote the contraction itself
+        touched.extend(
+            part.removeprefix(MARKER_PREFIX)
+            for part in site.name_stack.split("/")
+            if part.startswith(MARKER_PREFIX)
+        )
+    ints = all(
+        jnp.issubdtype(v.aval.dtype, jnp.integer) for v in site.eqn.invars[:2]
+    ) and site.primitive in ("dot_general", "conv_general_dilated")
     return CoverageEntry(
         site.primitive,
         site.name_stack,
@@ -49,11 +88,27 @@ def _entry(site: Site) -> CoverageEntry:
         tuple(dict.fromkeys(touched)),
         "opaque" in site.regions,
         any(r in ("custom_jvp", "custom_vjp") for r in site.regions),
+        ints,
     )
+
+
+def _stored_history(program: Program) -> dict[str, tuple[str, ...]]:
+    """Parameters of a converted program that hold what a pass stored (``w/qvalue``)."""
+    out: dict[str, list[str]] = {}
+    stored = {p for rec in program.history if rec.name == "convert" for p in rec.touched}
+    for r in program.params:
+        parent = r.path.rsplit("/", 1)[0]
+        if parent in stored:
+            out.setdefault(r.path, []).append("convert")
+    return {k: tuple(v) for k, v in out.items()}
 
 
 def coverage(program: Program) -> list[CoverageEntry]:
     """Every contraction in the program and the passes that touched its operands.
+
+    An operand derived from parameters only (through views, dequantization, folding, reshapes
+    or constant indexing) counts as that parameter; ``untouched_weight`` flags contractions
+    with such an operand that no pass transformed.
 
     >>> import jax.numpy as jnp
     >>> import maas_jax
@@ -61,8 +116,18 @@ def coverage(program: Program) -> list[CoverageEntry]:
     >>> prog = maas_jax.trace(lambda p, x: x @ p["w"], {"w": jnp.ones((2, 2))}, jnp.ones(2))
     >>> [e.touched_by for e in maas_jax.coverage(passes.clip_weights(1.0)(prog))]
     [('clip_weights',)]
+    >>> [e.untouched_weight for e in maas_jax.coverage(prog)]
+    [True]
     """
-    return [_entry(s) for s in contraction_sites(program)]
+    entries: list[CoverageEntry] = []
+    history = _stored_history(program)
+
+    def visit(site: Site, lins: tuple[Lineage | None, ...]) -> None:
+        if site.primitive in CONTRACTION_PRIMITIVES:
+            entries.append(_entry(site, lins, history))
+
+    walk_lineage(program.jaxpr.jaxpr, initial_lineages(program), visit)
+    return entries
 
 
 def _fmt_bytes(n: float) -> str:
@@ -110,7 +175,8 @@ def coverage_report(program: Program, *, max_rows: int | None = None) -> str:
             e.primitive.replace("conv_general_dilated", "conv"),
             e.name_stack or "<root>",
             " x ".join(e.operands),
-            ",".join(e.touched_by) or ("OPAQUE" if e.opaque else "-"),
+            ",".join(e.touched_by) + (" [int]" if e.int_operands else "")
+            or ("OPAQUE" if e.opaque else ("UNTOUCHED" if e.untouched_weight else "-")),
             " > ".join(e.regions) or "top",
         )
         for e in entries
@@ -120,11 +186,22 @@ def coverage_report(program: Program, *, max_rows: int | None = None) -> str:
     if max_rows is not None and len(rows) > max_rows:
         text += f"\n... {len(rows) - max_rows} more sites"
     n_touched = sum(e.touched for e in entries)
-    n_weight = sum(any(o != "activation" for o in e.operands) for e in entries)
-    return text + (
+    n_weight = sum(e.has_param for e in entries)
+    n_int = sum(e.int_operands for e in entries)
+    untouched = [e for e in entries if e.untouched_weight]
+    text += (
         f"\n{len(entries)} contractions, {n_weight} with a parameter operand, "
-        f"{n_touched} touched by a pass, {sum(e.opaque for e in entries)} opaque"
+        f"{n_touched} touched by a pass, {n_int} on integers, "
+        f"{sum(e.opaque for e in entries)} opaque"
     )
+    if untouched and n_touched:
+        # Some pass ran, yet these weight contractions were left as they were: say so.
+        text += f"\nUNTOUCHED weight contractions ({len(untouched)}):"
+        for e in untouched[:20]:
+            text += f"\n  {e.primitive} {' x '.join(e.operands)} at {e.name_stack or '<root>'} ({e.source})"
+        if len(untouched) > 20:
+            text += f"\n  ... {len(untouched) - 20} more"
+    return text
 
 
 def _table(head: tuple[str, ...], rows: list[tuple[Any, ...]]) -> str:

@@ -3,7 +3,12 @@
 A selector is normalised to a predicate over :class:`ParamInfo` (path, role, uses), as flax's
 ``nnx.filterlib`` does for variables:
 
-* ``str`` / ``re.Pattern`` — a regex searched in the parameter path (``"Dense_0/kernel$"``);
+* ``str`` / ``re.Pattern`` — a regex searched in the parameter path (``"Dense_0/kernel$"``).
+  A regex *narrows the candidates* — floating weights a dot_general / convolution consumes,
+  and tables a lookup (``gather``) reads — so ``where="layers"`` never picks a bias or a norm
+  scale that happens to live under ``layers/``;
+* :class:`Path` — a regex over *every* parameter leaf (the explicit opt-in for biases, norm
+  scales and other leaves);
 * :class:`Op` — parameters consumed by a primitive and/or inside a name stack matching a regex;
 * a callable ``fn(path, info) -> bool``;
 * a list or tuple of selectors — *rules* tried in order, first match wins (qwix semantics). Each
@@ -51,6 +56,25 @@ class ParamInfo:
             and any(u.primitive in CONTRACTION_PRIMITIVES for u in self.uses)
         )
 
+    @property
+    def is_table(self) -> bool:
+        """A trainable floating parameter read by a lookup (``gather``): an embedding table."""
+        return (
+            self.role.trainable
+            and is_floating(self.role.dtype)
+            and any(u.primitive == "gather" and u.operand == 0 for u in self.uses)
+        )
+
+    @property
+    def is_candidate(self) -> bool:
+        """What a path regex may select: weights of contractions and lookup tables.
+
+        A parameter flowing into a region nobody can see into may be a weight too: it stays a
+        candidate, so a pass selecting it says why it cannot handle it instead of skipping it.
+        """
+        opaque = any(u.opaque for u in self.uses) and is_floating(self.role.dtype)
+        return self.is_weight or self.is_table or opaque
+
 
 @dataclasses.dataclass(frozen=True)
 class Op:
@@ -72,7 +96,24 @@ class Op:
             _compile_regex(self.name_stack, "Op(name_stack=...)")
 
 
-Selector = Any  # str | re.Pattern | Op | Callable | Sequence[Selector] | None
+@dataclasses.dataclass(frozen=True)
+class Path:
+    """Select *any* parameter leaf whose path matches ``pattern`` (biases and norm scales too).
+
+    A plain regex only narrows the default candidates (contraction weights, lookup tables);
+    ``Path`` is the explicit opt-in for everything else.
+
+    >>> Path(r"bias$").pattern
+    'bias$'
+    """
+
+    pattern: str
+
+    def __post_init__(self) -> None:
+        _compile_regex(self.pattern, "Path(...)")
+
+
+Selector = Any  # str | re.Pattern | Path | Op | Callable | Sequence[Selector] | None
 Predicate = Callable[[ParamInfo], bool]
 
 
@@ -93,7 +134,10 @@ def predicate(where: Selector, *, what: str = "where") -> Predicate:
     """Normalise one selector (not a rule list) to a predicate over :class:`ParamInfo`."""
     if isinstance(where, str | re.Pattern):
         rx = _compile_regex(where, what)
-        return lambda info: rx.search(info.path) is not None
+        return lambda info: info.is_candidate and rx.search(info.path) is not None
+    if isinstance(where, Path):
+        rx_all = _compile_regex(where.pattern, what)
+        return lambda info: rx_all.search(info.path) is not None
     if isinstance(where, Op):
         prims = (where.primitive,) if isinstance(where.primitive, str) else where.primitive
         ns = _compile_regex(where.name_stack, what) if where.name_stack is not None else None
@@ -113,8 +157,8 @@ def predicate(where: Selector, *, what: str = "where") -> Predicate:
         return lambda info: any(p(info) for p in preds)
     raise SelectionError(
         f"{what}: cannot select with a {type(where).__name__} ({where!r}). Use a path regex "
-        "string, maas_jax.Op(primitive=..., name_stack=...), a callable (path, info) -> bool, "
-        "or a list of these."
+        "string, maas_jax.Path(regex) (any leaf), maas_jax.Op(primitive=..., name_stack=...), "
+        "a callable (path, info) -> bool, or a list of these."
     )
 
 

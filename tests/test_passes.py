@@ -51,7 +51,10 @@ def test_default_selection_is_matmul_weights_and_matches_numpy_clip(net):
 def test_regex_op_callable_and_rule_lists(net):
     model, variables, x = net
     prog = maas_jax.trace_linen(model, variables, x)
-    assert passes.clip_weights(1.0, where=r"up/")(prog).history[-1].touched == (
+    # A regex narrows the default candidates (contraction weights): the bias is not one.
+    assert passes.clip_weights(1.0, where=r"up/")(prog).history[-1].touched == ("params/up/kernel",)
+    # maas_jax.Path is the explicit opt-in for every leaf under a path.
+    assert passes.clip_weights(1.0, where=maas_jax.Path(r"up/"))(prog).history[-1].touched == (
         "params/up/bias",
         "params/up/kernel",
     )
@@ -126,7 +129,7 @@ def test_integer_parameter_is_a_clear_error():
     params = {"w": jnp.ones((2, 2)), "steps": jnp.int32(3)}
     prog = maas_jax.trace(lambda p, x: x @ p["w"] * p["steps"], params, jnp.ones(2))
     with pytest.raises(TypeError, match=r"parameter 'steps' is int32.*Narrow `where=`"):
-        passes.clip_weights(1.0, where="steps")(prog)
+        passes.clip_weights(1.0, where=maas_jax.Path("steps"))(prog)
 
 
 # ---- dce -------------------------------------------------------------------------------

@@ -72,7 +72,7 @@ def test_coverage_counts_every_contraction_recursively():
     assert all(not e.touched for e in cov)
     report = maas_jax.coverage_report(prog)
     assert report.splitlines()[-1] == (
-        "9 contractions, 7 with a parameter operand, 0 touched by a pass, 0 opaque"
+        "9 contractions, 7 with a parameter operand, 0 touched by a pass, 0 on integers, 0 opaque"
     )
     assert all("scan > remat" in line for line in report.splitlines() if "layers/q" in line)
 

@@ -31,10 +31,9 @@ from maas_jax.passes.quantize.numerics import QuantSpec, get_format, make_spec
 from maas_jax import PassRecord, Program, Rewrite, SelectionError, UnusedRuleWarning, rewrite
 from maas_jax._compat import CONTRACTION_PRIMITIVES
 from maas_jax._interpreter import SideOutput, emit, rewrite_with_side_outputs
-from maas_jax._provenance import contraction_sites, map_dims_to_param
+from maas_jax._provenance import contraction_sites, map_dims_to_param_axes
 from maas_jax._select import ParamInfo, param_infos, predicate
 
-_VIEWS = frozenset({"transpose", "convert_element_type", "copy", "copy_p", "pvary"})
 CALIBRATIONS = ("minmax", "moving_average", "percentile", "mse", "kl")
 HIST_BINS = 2048
 
@@ -57,6 +56,9 @@ class QuantRule:
       calibration: how :func:`calibrate` picks a static range: ``"minmax"``,
         ``"moving_average"``, ``"percentile"``, ``"mse"`` or ``"kl"``.
       percentile: the percentile of |activation| for ``calibration="percentile"``.
+      channel_axes: the parameter axes that keep their own scales (all others share one);
+        overrides ``granularity``. Default: read from how the weight is consumed (output
+        channels of contractions, rows of table lookups, layers of stacks).
     """
 
     where: Any = None
@@ -69,8 +71,17 @@ class QuantRule:
     act_mode: str = "dynamic"
     calibration: str = "minmax"
     percentile: float = 99.99
+    channel_axes: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.channel_axes is not None:
+            axes = (self.channel_axes,) if isinstance(self.channel_axes, int) else self.channel_axes
+            if not all(isinstance(a, int) and not isinstance(a, bool) for a in axes):
+                raise TypeError(
+                    f"fake_quant: channel_axes must be an int or a tuple of ints, got "
+                    f"{self.channel_axes!r}"
+                )
+            object.__setattr__(self, "channel_axes", tuple(axes))
         if self.act_mode not in ("dynamic", "static"):
             raise ValueError(
                 f"fake_quant: act_mode must be 'dynamic' or 'static', got {self.act_mode!r}"
@@ -174,7 +185,7 @@ class FakeQuant:
             entry=entry,
             entry_marked=False,  # make_marker names its own region
             rule=make_rule(ctx),
-            rule_primitives=frozenset(CONTRACTION_PRIMITIVES | _VIEWS),
+            rule_primitives=frozenset(CONTRACTION_PRIMITIVES | {"gather"}),
             wants=lambda eqn: eqn.primitive.name in CONTRACTION_PRIMITIVES,
             inline_custom=self.inline_custom,
             **extra,
@@ -303,21 +314,7 @@ def _spec_for(info: ParamInfo, rule: QuantRule, k: int, sharding: Any = None) ->
             f"fake_quant: {path!r} flows into `{opaque[0].primitive}` at {opaque[0].source}, "
             "whose body maas_jax cannot see into; exclude it with `where=`."
         )
-    stacked = max((u.sliced for u in info.uses), default=0)  # leading scan axes: per layer
-    contract: set[int] = set()
-    for use in info.uses:
-        if use.primitive not in CONTRACTION_PRIMITIVES:
-            continue
-        dims = _contracted_dims(use)
-        mapped = map_dims_to_param(dims, use.views)
-        if any(d is None for d in mapped):
-            contract = set(range(stacked, ndim))  # cannot tell: fall back to per-tensor
-            break
-        contract.update(d for d in mapped if d is not None)
-    if rule.granularity == "per_tensor" or not contract:
-        reduce_axes = tuple(range(stacked, ndim))
-    else:
-        reduce_axes = tuple(sorted(contract))
+    reduce_axes, contract = _reduce_axes(info, rule)
     tile = None
     if rule.tile_size is not None:
         axes = sorted(contract) if contract else list(reduce_axes)
@@ -334,6 +331,64 @@ def _spec_for(info: ParamInfo, rule: QuantRule, k: int, sharding: Any = None) ->
     if tile is None and sharding is not None:
         tile = _shard_tile(info, reduce_axes, sharding)
     return make_spec(rule.weight, reduce_axes, ndim, symmetric=rule.symmetric, tile=tile)
+
+
+class GranularityWarning(UserWarning):
+    """A weight could not be quantized at the granularity its rule asked for."""
+
+
+def _reduce_axes(info: ParamInfo, rule: QuantRule) -> tuple[tuple[int, ...], set[int]]:
+    """The axes one scale is shared over, and the contracted axes, from the weight's uses.
+
+    * Every use sees some of the parameter's axes: those a scan slices away or an index
+      (``W[i]``) drops are *layer* axes and always keep their own scales (per layer).
+    * per_channel: share over the axes any contraction sums over (mapped back through
+      reshapes, transposes, slices), and over the row axes of a table lookup's slices (an
+      embedding is quantized per row).
+    * per_tensor: share over every axis a use sees (one scale per layer of a stack).
+    * ``channel_axes`` overrides both: those axes keep their scales, all others share.
+    """
+    path, ndim = info.path, len(info.shape)
+    seen: set[int] = set()
+    contract: set[int] = set()
+    exact = True
+    for use in info.uses:
+        if use.shape:
+            axes, ok = map_dims_to_param_axes(range(len(use.shape)), use.views)
+            seen |= axes
+            exact &= ok
+        if use.primitive in CONTRACTION_PRIMITIVES:
+            axes, ok = map_dims_to_param_axes(_contracted_dims(use), use.views)
+            contract |= axes
+            exact &= ok
+        elif use.primitive == "gather" and use.operand == 0:
+            d = dict(use.dims)
+            indexed = set(d["start_index_map"]) | set(d["operand_batching_dims"])
+            rows, ok = map_dims_to_param_axes(sorted(indexed), use.views)
+            within, ok2 = map_dims_to_param_axes(range(len(use.shape)), use.views)
+            contract |= within - rows
+            exact &= ok and ok2
+    seen = seen or set(range(ndim))
+    if rule.channel_axes is not None:
+        keep = {a % ndim for a in rule.channel_axes} if ndim else set()
+        return tuple(a for a in range(ndim) if a not in keep), contract
+    if rule.granularity == "per_tensor":
+        return tuple(sorted(seen)), contract
+    if not exact or not contract:
+        why = (
+            "a view on its way to a contraction could not be mapped back to its axes"
+            if not exact
+            else "no contraction or table lookup consumes it"
+        )
+        warnings.warn(
+            f"fake_quant: {path!r} (shape {tuple(info.shape)}) is quantized per tensor, not per "
+            f"channel: {why}. Give QuantRule(channel_axes=...) to choose the axes that keep "
+            "their own scales.",
+            GranularityWarning,
+            stacklevel=4,
+        )
+        return tuple(sorted(seen)), contract
+    return tuple(sorted(contract)), contract
 
 
 def _shard_tile(info: ParamInfo, reduce_axes: tuple[int, ...], sharding: Any) -> Any:
@@ -385,6 +440,7 @@ class _RuleContext:
         self.ranges = ranges or {}
         self.uncalibrated: set[int] = set()
         self.dynamic_sites: set[int] = set()
+        self.warned: set[int] = set()
         self._sites = contraction_sites(program)
         self.site_of: dict[int, int] = {}
         for k, site in enumerate(self._sites):
@@ -409,13 +465,16 @@ class _RuleContext:
 def make_rule(ctx: _RuleContext) -> Any:
     def rule(site: Any, invals: list[Any]) -> list[Any] | None:
         eqn = site.eqn
-        if eqn.primitive.name in _VIEWS:
-            if len(invals) == 1 and isinstance(invals[0], qa.QArray):
-                out = qa.apply_view(eqn, invals[0])
+        if eqn.primitive.name == "gather":
+            # A table lookup: gather the integers and their per-row scales; the rows are
+            # dequantized where they are used, the table is never dequantized whole.
+            if invals and isinstance(invals[0], qa.QArray):
+                out = invals[0].gather(eqn, list(invals[1:]))
                 return None if out is None else [out]
             return None
         quantized = [isinstance(v, qa.QArray) for v in invals[:2]]
         if not any(quantized):
+            _warn_if_dequantized(ctx, site)
             return None
         weight = invals[0] if quantized[0] else invals[1]
         qrule = ctx.rules_by_path[weight.path]
@@ -423,6 +482,34 @@ def make_rule(ctx: _RuleContext) -> Any:
             return [_contraction(eqn, invals[0], invals[1], qrule, ctx)]
 
     return rule
+
+
+class DequantizedWeightWarning(UserWarning):
+    """A quantized weight reached a contraction as a dequantized float (no integer path)."""
+
+
+def _warn_if_dequantized(ctx: _RuleContext, site: Any) -> None:
+    """Say so when a quantized weight with an activation format lost its integer contraction.
+
+    That happens when a view could not carry the quantized value (a reshape mixing shared and
+    per-channel axes, a non-tile-aligned slice of a tiled weight): the contraction still sees
+    the quantized weight's values, but in float, and its activations stay float.
+    """
+    for t in site.in_tags[:2]:
+        rule = None if t is None else ctx.rules_by_path.get(t.path)
+        if rule is None or rule.act is None or id(site.eqn) in ctx.warned:
+            continue
+        ctx.warned.add(id(site.eqn))
+        views = "/".join(v for v, _ in t.views) or "no view"
+        warnings.warn(
+            f"fake_quant: {t.path!r} reaches `{site.primitive}` at {site.source} (name stack "
+            f"{site.name_stack or '<root>'!r}) as a dequantized float (through {views}), so "
+            f"this contraction runs in float and its activations are not quantized to "
+            f"{rule.act}. Quantize with granularity='per_tensor' or without tiles to keep the "
+            "integer path.",
+            DequantizedWeightWarning,
+            stacklevel=2,
+        )
 
 
 def _contraction(eqn: Any, lhs: Any, rhs: Any, qrule: QuantRule, ctx: _RuleContext) -> Any:
@@ -457,7 +544,7 @@ def _contraction(eqn: Any, lhs: Any, rhs: Any, qrule: QuantRule, ctx: _RuleConte
     if not isinstance(rhs, qa.QArray):
         rhs = quant_act(rhs, rhs_axes)
     lhs_dq, rhs_dq = lhs.dequantized(), rhs.dequantized()
-    if qa.int_path_ok(lhs, rhs):
+    if qa.int_path_ok(lhs, rhs) and qa.scales_shared_over_contraction(eqn, lhs, rhs):
         exact = qa.int_contraction(eqn, lhs, rhs)
     else:  # fp8 or sub-channel tiles: emulate on the dequantized values
         exact = qa.float_contraction(eqn, lhs_dq, rhs_dq)
