@@ -46,7 +46,7 @@ from maas_jax._report import (
     param_report,
     primitive_counts,
 )
-from maas_jax._select import Op, ParamInfo, Path, Selection, predicate, select
+from maas_jax._select import Op, ParamInfo, Path, Selection, param_infos, predicate, select
 from maas_jax.distributed import MeshSpec  # noqa: E402
 
 __version__ = "0.1.0"
@@ -99,6 +99,7 @@ __all__ = [
     "contraction_sites",
     "coverage",
     "coverage_report",
+    "param_infos",
     "param_report",
     "pipeline",
     "predicate",

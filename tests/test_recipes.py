@@ -60,12 +60,19 @@ def test_minilm_cosine_targets():
     batch = tokenizer.encode(list(SENTENCES[:64]))
     args = (batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
     ref = np.asarray(jax.jit(embed_fn)(variables, *args))
-    cos = {}
-    for recipe in ("w8", "w8a8"):
-        q = passes.quantize_model(embed_fn, variables, *args, recipe=recipe, fold_batchnorm=False)
+    cos, ratio = {}, {}
+    # "w8a8-matmuls": the same contractions qwix quantizes (embedding tables stay float).
+    for name, recipe, tables in (("w8", "w8", True), ("w8a8-matmuls", "w8a8", False)):
+        q = passes.quantize_model(
+            embed_fn, variables, *args, recipe=recipe, fold_batchnorm=False, tables=tables
+        )
         emb = np.asarray(jax.jit(q.program)(q.params, *args))
-        cos[recipe] = float(np.mean(np.sum(emb * ref, -1)))
+        cos[name] = float(np.mean(np.sum(emb * ref, -1)))
+        ratio[name] = q.bytes_ratio
+    # int8 weights include the embedding tables, per row: about a quarter of fp32 (ONNX
+    # Runtime's dynamic int8 stores 0.254x) at the same quality.
     assert cos["w8"] >= 0.999
+    assert ratio["w8"] <= 0.26, ratio
     qwix_cos = QWIX_W8A8_COSINE
     if importlib.util.find_spec("qwix") is not None:
         import sys
@@ -75,4 +82,4 @@ def test_minilm_cosine_targets():
         import qwix_baseline
 
         qwix_cos = qwix_baseline.qwix_minilm_cosine("int8", "int8", num_sentences=64)
-    assert cos["w8a8"] >= qwix_cos
+    assert cos["w8a8-matmuls"] >= qwix_cos

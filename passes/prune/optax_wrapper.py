@@ -39,12 +39,17 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax import lax
+from maas_jax.passes.prune._axes import weight_axes
 from maas_jax.passes.prune.masks import _check_nm, _prune_count, nm_keep, prune_lowest, sparsity_of
+from maas_jax.passes.prune.pass_ import _is_candidate
 from maas_jax.passes.prune.schedules import constant, should_update
 
+from maas_jax import Path
 from maas_jax._paths import flatten_leaves
+from maas_jax._select import param_infos
 
 __all__ = ["SparsifyState", "current_sparsity", "masks_of", "sparsify"]
 
@@ -67,7 +72,13 @@ class SparsifyState(NamedTuple):
     masks: Any
 
 
-Where = str | Callable[[str, Any], bool] | Sequence[str | Callable[[str, Any], bool]] | None
+Where = (
+    str
+    | Path
+    | Callable[[str, Any], bool]
+    | Sequence[str | Path | Callable[[str, Any], bool]]
+    | None
+)
 
 
 def _matches(rule: Any, path: str, leaf: Any) -> bool:
@@ -75,11 +86,13 @@ def _matches(rule: Any, path: str, leaf: Any) -> bool:
         return re.search(rule, path) is not None
     if isinstance(rule, re.Pattern):
         return rule.search(path) is not None
+    if isinstance(rule, Path):
+        return re.search(rule.pattern, path) is not None
     if callable(rule):
         return bool(rule(path, leaf))
     raise TypeError(
-        f"where= takes a path regex, a callable (path, leaf) -> bool, or a list of these; "
-        f"got {rule!r}"
+        f"where= takes a path regex, maas_jax.Path(regex), a callable (path, leaf) -> bool, or "
+        f"a list of these; got {rule!r}"
     )
 
 
@@ -87,17 +100,91 @@ def _is_float(x: Any) -> bool:
     return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)
 
 
-def _selection(params: Any, where: Where) -> tuple[list[str], list[bool]]:
-    """Path and selected flag of every leaf of ``params``, in jax leaf order."""
+# Leaf names that are never weight matrices, whatever their shape (a scan-stacked bias or
+# LayerNorm scale is 2-D: ``(layers, features)``).
+_NOT_WEIGHT_NAMES = frozenset({"bias", "b", "scale", "offset"})
+
+
+def _stacked_vector_of(leaf: Any, siblings: Sequence[Any]) -> bool:
+    """Whether ``leaf`` looks like the per-layer bias of a sibling kernel.
+
+    A Flax ``Dense`` under ``nn.scan`` stores its kernel as ``(L, in, F)`` and its bias as
+    ``(L, F)``: the bias has the kernel's shape with the input axis removed. Each layer's slice
+    of such a leaf is a vector, so it is not a weight matrix even though the leaf is 2-D.
+    """
+    shape = tuple(leaf.value.shape)
+    for sib in siblings:
+        other = tuple(getattr(sib.value, "shape", ()))
+        if sib is leaf or len(other) != len(shape) + 1:
+            continue
+        if other[: len(shape) - 1] == shape[:-1] and other[-1] == shape[-1]:
+            return True
+    return False
+
+
+def _weight_flags(leaves: Sequence[Any], program: Any) -> list[bool]:
+    """Which leaves are weight matrices: the default, and all that a path regex can select."""
+    if program is not None:
+        infos = {i.path: i for i in param_infos(program)}
+        flags, missing = [], []
+        for lf in leaves:
+            info = infos.get(lf.path) or infos.get(f"params/{lf.path}")
+            if info is None or tuple(info.shape) != tuple(getattr(lf.value, "shape", ())):
+                missing.append(lf.path)
+                flags.append(False)
+            else:
+                flags.append(_is_candidate(info))
+        if missing:
+            shown = ", ".join(list(infos)[:6]) + (", ..." if len(infos) > 6 else "")
+            raise ValueError(
+                f"sparsify: program= has no parameter matching the leaves {missing[:6]} of "
+                f"params (by path, or by path under 'params/', and shape); its parameters are: "
+                f"{shown}. Trace the program with the same parameter tree the optimizer updates."
+            )
+        return flags
+    parents: dict[str, list[Any]] = {}
+    for lf in leaves:
+        parents.setdefault(lf.path.rpartition("/")[0], []).append(lf)
+    out = []
+    for lf in leaves:
+        name = lf.path.rpartition("/")[2]
+        out.append(
+            _is_float(lf.value)
+            and lf.value.ndim >= 2
+            and name not in _NOT_WEIGHT_NAMES
+            and not _stacked_vector_of(lf, parents[lf.path.rpartition("/")[0]])
+        )
+    return out
+
+
+def _selection(params: Any, where: Where, program: Any = None) -> tuple[list[str], list[bool]]:
+    """Path and selected flag of every leaf of ``params``, in jax leaf order.
+
+    A path regex only narrows the weights (:func:`_weight_flags`); ``maas_jax.Path(regex)``
+    and callables are explicit choices that may take any floating leaf.
+    """
     leaves = flatten_leaves(params)
     if len(leaves) != len(jax.tree.leaves(params)):  # pragma: no cover - defensive
         raise ValueError("sparsify: could not name the leaves of params")
     paths = [leaf.path for leaf in leaves]
+    weights = _weight_flags(leaves, program)
     if where is None:
-        flags = [_is_float(lf.value) and lf.value.ndim >= 2 for lf in leaves]
+        flags = weights
+        skipped: list[str] = []
     else:
         rules = list(where) if isinstance(where, list | tuple) else [where]
-        flags = [any(_matches(r, lf.path, lf.value) for r in rules) for lf in leaves]
+        flags, skipped = [], []
+        for lf, is_weight in zip(leaves, weights, strict=True):
+            hit = False
+            for r in rules:
+                if not _matches(r, lf.path, lf.value):
+                    continue
+                if isinstance(r, str | re.Pattern) and not is_weight:
+                    skipped.append(lf.path)
+                    continue
+                hit = True
+                break
+            flags.append(hit)
         bad = [
             lf.path for lf, f in zip(leaves, flags, strict=True) if f and not _is_float(lf.value)
         ]
@@ -105,8 +192,14 @@ def _selection(params: Any, where: Where) -> tuple[list[str], list[bool]]:
             raise ValueError(f"sparsify: where={where!r} selects non-floating leaves {bad}")
     if not any(flags):
         shown = ", ".join(paths[:8]) + (", ..." if len(paths) > 8 else "")
+        hint = ""
+        if skipped:
+            hint = (
+                f" (a path regex only narrows the weight matrices, and it matches only other "
+                f"leaves: {skipped[:6]}; select those explicitly with maas_jax.Path(regex))"
+            )
         raise ValueError(
-            f"sparsify: where={where!r} selects no parameter to prune; the paths are: {shown}"
+            f"sparsify: where={where!r} selects no parameter to prune{hint}; the paths are: {shown}"
         )
     return paths, flags
 
@@ -169,8 +262,9 @@ def sparsify(
     n: int | None = None,
     m: int | None = None,
     frequency: int | None = None,
-    nm_axis: int = -2,
+    nm_axis: int | None = None,
     seed: int = 0,
+    program: Any = None,
 ) -> optax.GradientTransformation:
     """Wrap ``inner`` so that training prunes the selected weights on a schedule.
 
@@ -180,9 +274,19 @@ def sparsify(
             ``constant(number)`` (one-shot at step 0). Its ``should_update(step)`` decides when
             masks are recomputed; a plain callable without it is re-evaluated every step.
         where: Which leaves to prune: a ``/``-joined path regex searched in the leaf path (e.g.
-            ``r"kernel$"``; paths look like ``params/Dense_0/kernel``, Flax boxes stripped), a
-            callable ``(path, leaf) -> bool``, or a list of these (any match). Default: every
-            floating leaf with ``ndim >= 2``. Selecting nothing, or a non-floating leaf, raises.
+            ``r"kernel$"``; paths look like ``params/Dense_0/kernel``, Flax boxes stripped),
+            ``maas_jax.Path(regex)``, a callable ``(path, leaf) -> bool``, or a list of these
+            (any match). A plain regex only *narrows* the default weights (below):
+            ``where=r"layers"`` does not prune ``layers/bias``. ``Path(regex)`` and callables
+            are the explicit opt-in for any floating leaf. Selecting nothing, or a
+            non-floating leaf, raises.
+            The default weights: with ``program=``, exactly the parameters a dot_general or
+            convolution of the program consumes (``maas_jax.ParamInfo.is_weight``, stacked or
+            not) and tables a lookup reads. Without it, from the tree alone: floating leaves
+            with ``ndim >= 2``, except leaves named ``bias``/``b``/``scale``/``offset`` and
+            leaves shaped like a sibling leaf with its input axis removed (the ``(L, F)`` bias
+            of an ``(L, in, F)`` kernel under ``nn.scan``): each layer's slice of those is a
+            vector, not a matrix.
         method: Saliency used to rank weights: ``"magnitude"`` (``|w|``), ``"random"`` (fixed
             random scores per leaf from ``seed``, so masks are nested) or ``"saliency"``
             (SNIP-style ``|w * grad|``).
@@ -193,9 +297,16 @@ def sparsify(
             The schedule then only decides when masks are computed; its value is ignored.
         frequency: Override the schedule's update steps: recompute masks every ``frequency``
             steps between the schedule's ``begin_step`` and ``end_step``.
-        nm_axis: Axis of the N:M groups; ``-2`` is the input (contraction) axis of Flax
-            ``Dense``/``Conv`` kernels, the one sparse tensor cores need.
+        nm_axis: Axis of the N:M groups. Default: with ``program=``, each weight's contracted
+            (input) axis as the program uses it (``h @ w``, ``w @ h``, ``h @ w.T``, stacked or
+            not); without, ``-2``, the input axis of Flax ``Dense``/``Conv`` kernels — the one
+            sparse tensor cores need.
         seed: Seed of the ``"random"`` method.
+        program: The :class:`maas_jax.Program` of the model being trained (traced with the
+            same parameter tree, or with the tree under a top-level ``params`` key). It makes
+            the default selection exact, gives the N:M axis, and makes ``scope="layer"`` rank
+            each layer of a scan-stacked weight separately (without it, a stacked leaf is
+            ranked as one tensor).
 
     Returns:
         A ``GradientTransformation`` whose state is a :class:`SparsifyState` and whose
@@ -253,13 +364,14 @@ def sparsify(
             return jnp.asarray(True)
 
     def init_fn(params: Any) -> SparsifyState:
-        paths, flags = _selection(params, where)
+        paths, flags = _selection(params, where, program)
         leaves, treedef = jax.tree.flatten(params)
+        layout = _layout(paths, flags, program)
         if use_nm:
             for path, leaf, f in zip(paths, leaves, flags, strict=True):
                 if f:
                     try:
-                        nm_keep([jnp.zeros(leaf.shape, bool)], n, m, nm_axis)
+                        nm_keep([jnp.zeros(leaf.shape, bool)], n, m, layout[path][1])
                     except ValueError as e:
                         raise ValueError(f"sparsify: parameter {path!r}: {e}") from None
         masks = [jnp.ones(x.shape, bool) if f else None for x, f in zip(leaves, flags, strict=True)]
@@ -277,16 +389,41 @@ def sparsify(
         key = jax.random.fold_in(jax.random.key(seed), i)
         return jax.random.uniform(key, w.shape, jnp.float32)
 
-    def new_masks(ws: list[Any], gs: list[Any], olds: list[Any], idx: list[int], sparsity: Any):
+    def _layout(paths: list[str], flags: list[bool], prog: Any) -> dict[str, tuple[int, int]]:
+        """path -> (leading scan axes ranked per layer, N:M axis) of every selected leaf."""
+        infos = {i.path: i for i in param_infos(prog)} if prog is not None else {}
+        out = {}
+        for path, f in zip(paths, flags, strict=True):
+            if not f:
+                continue
+            info = infos.get(path) or infos.get(f"params/{path}")
+            axes = weight_axes(info) if info is not None and info.is_weight else None
+            stacked = axes.stacked if axes is not None else 0
+            if nm_axis is not None:
+                axis = nm_axis
+            elif axes is not None and axes.group is not None:
+                axis = axes.group
+            else:
+                axis = -2
+            out[path] = (stacked, axis)
+        return out
+
+    def layer_rate(o: Any, s: Any, stacked: int, sparsity: Any) -> Any:
+        rows = int(np.prod(s.shape[:stacked])) if stacked else 1
+        o2, s2 = o.reshape(rows, -1), s.reshape(rows, -1)
+        return prune_lowest([o2, s2], _prune_count(sparsity, s2.shape[1])).reshape(s.shape)
+
+    def new_masks(
+        ws: list[Any], gs: list[Any], olds: list[Any], idx: list[int], lay: list, sparsity: Any
+    ) -> tuple[Any, ...]:
         ss = [scores(i, w, g) for i, w, g in zip(idx, ws, gs, strict=True)]
         if use_nm:
-            return tuple(nm_keep([o, s], n, m, nm_axis) for o, s in zip(olds, ss, strict=True))
+            return tuple(
+                nm_keep([o, s], n, m, ax) for o, s, (_, ax) in zip(olds, ss, lay, strict=True)
+            )
         if scope == "layer":
             return tuple(
-                prune_lowest(
-                    [o.reshape(-1), s.reshape(-1)], _prune_count(sparsity, s.size)
-                ).reshape(s.shape)
-                for o, s in zip(olds, ss, strict=True)
+                layer_rate(o, s, st, sparsity) for o, s, (st, _) in zip(olds, ss, lay, strict=True)
             )
         dtype = jnp.result_type(*[s.dtype for s in ss])
         flat_s = jnp.concatenate([s.reshape(-1).astype(dtype) for s in ss])
@@ -311,6 +448,9 @@ def sparsify(
         g_leaves = treedef.flatten_up_to(updates)
         m_leaves = treedef.flatten_up_to(state.masks)
         idx = [i for i, mk in enumerate(m_leaves) if mk is not None]
+        paths = [leaf.path for leaf in flatten_leaves(params)]
+        layout = _layout(paths, [mk is not None for mk in m_leaves], program)
+        lay = [layout[paths[i]] for i in idx]
         olds = [m_leaves[i] for i in idx]
         # The parameters this step would produce under the current masks.
         ws = [
@@ -322,7 +462,7 @@ def sparsify(
         sparsity = 0.0 if use_nm else schedule(count)
         masks = lax.cond(
             jnp.asarray(is_update_step(count), bool),
-            lambda: new_masks(ws, gs, olds, idx, sparsity),
+            lambda: new_masks(ws, gs, olds, idx, lay, sparsity),
             lambda: tuple(olds),
         )
         out_u, out_m = list(u_leaves), list(m_leaves)

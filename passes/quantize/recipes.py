@@ -19,10 +19,13 @@ from typing import Any
 import numpy as np
 from maas_jax.passes.quantize.calibration import calibrate
 from maas_jax.passes.quantize.conversion import convert, convert_params
-from maas_jax.passes.quantize.fake_quant import fake_quant
+from maas_jax.passes.quantize.fake_quant import QuantRule, fake_quant
 
 import maas_jax
 from maas_jax import Program
+
+#: recipes whose "int8 weights" include lookup tables (embeddings), quantized per row
+TABLE_RECIPES = ("w8", "w8a8", "w8a8-static")
 
 #: recipe name -> fake_quant keyword arguments
 RECIPES: dict[str, dict[str, Any]] = {
@@ -53,6 +56,15 @@ class QuantizedModel:
         return self.program(self.params, *inputs)
 
 
+def lookup_table(path: str, info: Any) -> bool:
+    """Selector: a table read by lookups (gather) that no contraction consumes."""
+    return info.is_table and not info.is_weight
+
+
+def _has_tables(program: Program) -> bool:
+    return any(lookup_table(i.path, i) for i in maas_jax.param_infos(program))
+
+
 def _nbytes(tree: Any) -> int:
     import jax
 
@@ -68,6 +80,7 @@ def quantize_model(
     calibration_data: Iterable[Any] | None = None,
     fold_batchnorm: bool = True,
     passes_before: tuple[Any, ...] = (),
+    tables: bool | None = None,
 ) -> QuantizedModel:
     """Trace, (fold BatchNorm,) fake-quantize, (calibrate,) convert: one call.
 
@@ -77,10 +90,13 @@ def quantize_model(
       *inputs: example inputs (shapes the program is specialised to).
       recipe: one of :data:`RECIPES` (``"w8a8"`` dynamic int8, ``"w8a8-static"`` calibrated,
         ``"w8"`` / ``"w4"`` weight-only, ``"w4a8"``, ``"fp8"``).
-      where: which weights (default: every matmul/conv weight).
+      where: which weights (default: every matmul/conv weight and, for the int8-weight
+        recipes ``w8``/``w8a8``/``w8a8-static``, every embedding table, per row).
       calibration_data: batches for static recipes (see :func:`calibrate`).
       fold_batchnorm: fold inference BatchNorm into the preceding conv/dense first.
       passes_before: more passes to run before quantizing (e.g. ``clip_weights``).
+      tables: quantize embedding tables (int8, per row). Default: for the int8-weight
+        recipes when ``where`` is None.
     """
     if recipe not in RECIPES:
         raise ValueError(f"quantize_model: unknown recipe {recipe!r}; one of {', '.join(RECIPES)}")
@@ -91,7 +107,14 @@ def quantize_model(
         from maas_jax.passes.fold_batchnorm import fold_batchnorm as fold
 
         before.insert(0, fold())
-    fq = maas_jax.pipeline(*before, fake_quant(where=where, **RECIPES[recipe]))(program)
+    rules = [QuantRule(where=where, **RECIPES[recipe])]
+    if tables is None:
+        tables = where is None and recipe in TABLE_RECIPES
+    if tables and _has_tables(program):
+        # Embedding tables are most of a small encoder's bytes: int8 per row, dequantized
+        # only for the rows a lookup reads.
+        rules.append(QuantRule(where=lookup_table, weight="int8"))
+    fq = maas_jax.pipeline(*before, fake_quant(rules=rules))(program)
     if RECIPES[recipe].get("act_mode") == "static":
         if calibration_data is None:
             raise ValueError(f"quantize_model: recipe {recipe!r} needs calibration_data=[batches]")
