@@ -44,6 +44,18 @@ program inputs, when ``E`` needs them; every equation of that parameter-only sli
 evaluated once (the rule hands the interpreter the value when it reaches the equation), so no
 computation is duplicated and none is left dead.
 
+**Stored vectors.** The per-channel vectors the rewritten program adds (``a``; ``m`` and ``a``
+with ``into="output"``) depend on parameters only, so they are computed inside a ``jit`` named
+``precomputed["<path>", ...]`` (:data:`PRECOMPUTED`), whose name lists where ``convert`` stores
+its outputs: ``<kernel path>_folded_bias`` and ``<kernel path>_folded_scale`` (``_1``, ``_2``
+... when taken). ``convert`` turns the region's outputs into stored inputs computed once by
+``convert_params``, so a converted program keeps one float vector per folded layer (two with
+``into="output"``) instead of the BatchNorm scale, bias, mean and var, and none of the folding
+arithmetic (``rsqrt``) runs per call. The region is not a ``maas_*`` marker: it transforms no
+single parameter, so provenance passes no parameter's tag through it. (With
+``into="kernel"``, ``m`` only feeds the folded kernel, which a quantized kernel's stored
+integers already include.)
+
 **Quantization.** A later ``fake_quant`` quantizes the folded kernel: the engine applies a
 pass's weight transform at the end of the marker chain earlier passes put on the parameter (here
 ``maas_fold_batchnorm`` at the contraction), so the convolution runs on the integers of
@@ -63,6 +75,7 @@ quantizing the folded one.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -311,26 +324,111 @@ def _vector(x: Any, features: int, axis: int, dtype: Any) -> Any:
     return jnp.broadcast_to(x, (features,))
 
 
-def _combine(chain: Chain, sl: _Slice, dtype: Any) -> tuple[Any | None, Any | None]:
-    """``(m, a)`` with ``chain(y) == y * m + a``; None stands for 1 and 0."""
+def _combine_scale(chain: Chain, cs: Sequence[Any], dtype: Any) -> Any | None:
+    """``m`` with ``chain(y) == y * m + a`` from the chain's operands ``cs``; None stands for 1."""
     m: Any = None
+    for step, raw in zip(chain.steps, cs, strict=True):
+        if step.op in ("add", "sub"):
+            continue
+        c = _vector(raw, chain.features, chain.out_axis, dtype)
+        if step.op == "rsub":
+            m = -jnp.ones_like(c) if m is None else -m
+        elif step.op == "mul":
+            m = c if m is None else m * c
+        else:  # div
+            m = 1 / c if m is None else m / c
+    return m
+
+
+def _combine_shift(chain: Chain, cs: Sequence[Any], dtype: Any) -> Any | None:
+    """``a`` with ``chain(y) == y * m + a`` from the chain's operands ``cs``; None stands for 0.
+
+    ``a`` never depends on ``m``, so the two are computed separately (same operations, same
+    bits as computing them together).
+    """
     a: Any = None
-    for step in chain.steps:
-        c = _vector(sl.value(step.other), chain.features, chain.out_axis, dtype)
+    for step, raw in zip(chain.steps, cs, strict=True):
+        if a is None and step.op in ("mul", "div"):
+            continue
+        c = _vector(raw, chain.features, chain.out_axis, dtype)
         if step.op == "add":
             a = c if a is None else a + c
         elif step.op == "sub":
             a = -c if a is None else a - c
         elif step.op == "rsub":
-            m = -jnp.ones_like(c) if m is None else -m
             a = c if a is None else c - a
         elif step.op == "mul":
-            m = c if m is None else m * c
-            a = None if a is None else a * c
+            a = a * c
         else:  # div
-            m = 1 / c if m is None else m / c
-            a = None if a is None else a / c
-    return m, a
+            a = a / c
+    return a
+
+
+# ---- precomputed (stored) values ------------------------------------------------------------
+
+#: Name prefix of a ``jit`` region computing values from parameters only, which ``convert``
+#: stores (computes once in ``convert_params``) instead of recomputing them on every call. The
+#: rest of the name is a JSON list of the parameter paths its outputs are stored at. It is
+#: deliberately not a ``maas_*`` marker: it transforms no single parameter, so provenance must
+#: not pass a parameter's tag through it.
+PRECOMPUTED = "precomputed"
+
+
+def precomputed_name(paths: Sequence[str]) -> str:
+    """The ``jit`` name of a precomputed region whose outputs are stored at ``paths``."""
+    return PRECOMPUTED + json.dumps(list(paths))
+
+
+def precomputed_paths(eqn: jcore.JaxprEqn) -> tuple[str, ...] | None:
+    """The stored paths of a precomputed ``jit`` equation, or None if ``eqn`` is not one."""
+    if _compat.hop_kind(eqn) != "jit":
+        return None
+    name = _compat.jit_name(eqn)
+    if not name.startswith(PRECOMPUTED + "["):
+        return None
+    paths = json.loads(name[len(PRECOMPUTED) :])
+    if len(paths) != len(eqn.outvars):
+        return None
+    return tuple(paths)
+
+
+def _precomputed(fn: Any, paths: Sequence[str], args: Sequence[Any]) -> Any:
+    """``fn(*args)`` inside a precomputed region storing its outputs at ``paths``."""
+
+    def region(*xs: Any) -> Any:
+        return fn(*xs)
+
+    region.__name__ = region.__qualname__ = precomputed_name(paths)
+    return jax.jit(region)(*args)
+
+
+def _has_shift(chain: Chain) -> bool:
+    return any(s.op in ("add", "sub", "rsub") for s in chain.steps)
+
+
+def _stored_paths(chain: Chain, into: str, taken: set[str]) -> tuple[str, ...]:
+    """Where ``convert`` stores the chain's vectors: ``<kernel path>_folded_scale`` (``m``,
+    ``into="output"`` only) and ``<kernel path>_folded_bias`` (``a``), made unique."""
+    names = ["folded_scale"] if into == "output" else []
+    if _has_shift(chain):
+        names.append("folded_bias")
+    return tuple(_unique(f"{chain.kernel_path}_{n}", taken) for n in names)
+
+
+def _unique(path: str, taken: set[str]) -> str:
+    out, k = path, 0
+    while out in taken:
+        k += 1
+        out = f"{path}_{k}"
+    taken.add(out)
+    return out
+
+
+def _taken_paths(program: Program) -> set[str]:
+    taken = {r.path for r in program.roles}
+    for eqn in program.jaxpr.jaxpr.eqns:
+        taken.update(precomputed_paths(eqn) or ())
+    return taken
 
 
 def _folded_program(program: Program, chains: list[Chain], into: str) -> jcore.ClosedJaxpr:
@@ -339,12 +437,16 @@ def _folded_program(program: Program, chains: list[Chain], into: str) -> jcore.C
     last_step = {id(c.steps[-1].eqn): c for c in chains}
     passthrough = {id(s.eqn): s for c in chains for s in c.steps[:-1]}
     sl = _Slice(closed.jaxpr, [s.other for c in chains for s in c.steps])
-    shifts: dict[int, Any] = {}  # id(chain.eqn) -> the additive vector `a` (None: none)
+    taken = _taken_paths(program)
+    stored = {id(c.eqn): _stored_paths(c, into, taken) for c in chains}
+
+    def operands(chain: Chain) -> list[Any]:
+        return [sl.value(s.other) for s in chain.steps]
 
     def at_contraction(chain: Chain, site: _provenance.Site, invals: list[Any]) -> list[Any]:
         lhs, kernel = (materialize(x) for x in invals)
         with jax.named_scope(MARKER):
-            m, shifts[id(chain.eqn)] = _combine(chain, sl, site.eqn.outvars[0].aval.dtype)
+            m = _combine_scale(chain, operands(chain), site.eqn.outvars[0].aval.dtype)
         if m is not None:
             kernel = apply_marked(_scale_kernel(chain.kernel_axis), (kernel, m), MARKER)
         return _compat.bind_eqn(site.eqn, [lhs, kernel])
@@ -353,11 +455,26 @@ def _folded_program(program: Program, chains: list[Chain], into: str) -> jcore.C
         y = materialize(invals[chain.steps[-1].operand])
         shape = [1] * y.ndim
         shape[chain.out_axis] = chain.features
+        cs = operands(chain)
+        paths = stored[id(chain.eqn)]
         with jax.named_scope(MARKER):
+            # The per-channel vectors depend on parameters only: a precomputed region, which
+            # `convert` turns into stored inputs (so the converted program keeps neither the
+            # BatchNorm statistics nor this arithmetic).
+            m = a = None
             if into == "kernel":
-                m, a = None, shifts.pop(id(chain.eqn))
+                if _has_shift(chain):
+                    a = _precomputed(lambda *c: _combine_shift(chain, c, y.dtype), paths, cs)
             else:
-                m, a = _combine(chain, sl, y.dtype)
+                if not _has_shift(chain):
+                    fn = lambda *c: _combine_scale(chain, c, y.dtype)  # noqa: E731
+                    m = _precomputed(fn, paths[:1], cs)
+                else:
+                    fn = lambda *c: (  # noqa: E731
+                        _combine_scale(chain, c, y.dtype),
+                        _combine_shift(chain, c, y.dtype),
+                    )
+                    m, a = _precomputed(fn, paths, cs)
             if m is not None:
                 y = y * m.reshape(shape)
             if a is not None:
@@ -464,7 +581,10 @@ def fold_batchnorm(into: str = "kernel") -> FoldBatchNorm:
     after the markers of earlier passes), so the folded contraction runs on integers.
 
     The program's signature is unchanged: the BatchNorm statistics stay inputs and are read
-    to compute ``m`` and ``a``.
+    to compute ``m`` and ``a``. The vectors added after the contraction are computed in a
+    ``jit`` named ``precomputed[...]``, which ``convert`` stores (as
+    ``<kernel path>_folded_bias``, and ``_folded_scale`` for ``into="output"``), dropping the
+    BatchNorm arrays nothing else reads.
 
     Args:
       into: ``"kernel"`` or ``"output"`` (see above).

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from jax.extend import core as jcore
 from maas_jax.passes.quantize.fake_quant import HIST_BINS, FakeQuant
-from maas_jax.passes.quantize.numerics import get_format
+from maas_jax.passes.quantize.numerics import check_finite, get_format
 
 from maas_jax import MaasError, Program
 
@@ -48,6 +48,10 @@ def calibrate(
     Returns:
       A fake-quant program with the ranges baked in (convertible with ``convert``).
 
+    Raises:
+      CalibrationError: not a static fake-quant program, no batches, a NaN/inf in a batch, in
+        a quantized weight (the message names its path) or in the activation statistics.
+
     >>> import jax, jax.numpy as jnp
     >>> import maas_jax
     >>> from maas_jax import passes
@@ -74,6 +78,7 @@ def calibrate(
         raise CalibrationError(
             "calibrate: no contraction has a static-activation rule (act_mode='static')"
         )
+    _check_weights(program, base, params, batches[0])
     sites = [k for k, _ in keys]
     rule_of = _rules_by_site(fq, base, sites)
     per_batch = _run(absmax_fn, keys, base, params, batches, "ranges", progress)
@@ -111,6 +116,24 @@ def calibrate(
     scales = tuple(sorted((s, t) for s, t in thresholds.items() if t > 0))
     calibrated = FakeQuant(fq.rules, fq.inline_custom, scales, tuple(unseen))
     return calibrated(base)
+
+
+def _check_weights(program: Program, base: Program, params: Any, batch: Any) -> None:
+    """Raise on a NaN or inf in a weight the program quantizes (its scale would be NaN)."""
+    quantized = set(program.meta.get("fake_quant", {}))
+    inputs = batch if isinstance(batch, tuple) else (batch,)
+    flat = base._check_args(params, inputs)
+    for role, value in zip(base.roles, flat, strict=True):
+        if role.path in quantized:
+            check_finite(
+                "calibrate",
+                f"parameter {role.path!r}",
+                value,
+                CalibrationError,
+                hint=" Its quantization scale would be NaN and every activation range computed "
+                "through it meaningless: fix the parameters, or exclude it from "
+                "fake_quant(where=...).",
+            )
 
 
 def _rules_by_site(fq: FakeQuant, base: Program, sites: list[int]) -> dict[int, Any]:

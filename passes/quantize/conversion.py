@@ -8,7 +8,14 @@ is graph surgery on that program:
    float gradients), and the code only they used is removed;
 2. every marker's outputs become program inputs — the stored integers and scales — and the
    float weight, now unused, leaves the signature;
-3. int4 (and narrower) values are stored packed two per byte and unpacked in the graph.
+3. every *precomputed* region (a top-level ``jit`` named ``precomputed[...]`` computing values
+   from parameters only: ``fold_batchnorm``'s folded per-channel bias) becomes stored inputs
+   too, at the paths its name lists; parameters that only fed removed computations (the
+   BatchNorm scale, bias, mean and var) leave the signature;
+4. int4 (and narrower) values are stored packed two per byte and unpacked in the graph.
+
+Non-finite weights: :func:`convert_params` raises on a NaN or inf in a quantized weight (or in
+the value quantized for it, or in a precomputed value), naming the parameter path.
 
 Because the rest of the program is untouched, the converted forward equals the fake-quant
 forward bit for bit. :func:`convert_params` computes the stored values by running exactly the
@@ -25,8 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jcore
 from maas_jax.passes.dce import dce
+from maas_jax.passes.fold_batchnorm import precomputed_paths
 from maas_jax.passes.quantize import qarray as qa
-from maas_jax.passes.quantize.numerics import pack_int4, unpack_int4
+from maas_jax.passes.quantize.numerics import check_finite, pack_int4, unpack_int4
 
 from maas_jax import MaasError, ParamRef, PassRecord, Program, Rewrite, rewrite
 from maas_jax._compat import custom_call_name, hop_kind, jit_name, source_line
@@ -144,6 +152,26 @@ def _entry_markers(program: Program) -> dict[str, jcore.JaxprEqn]:
     return found
 
 
+def _precomputed(program: Program) -> dict[tuple[str, ...], jcore.JaxprEqn]:
+    """Top-level precomputed regions reading parameters only, by the paths they store."""
+    jaxpr = program.jaxpr.jaxpr
+    # Variables that depend on something other than parameters and constants.
+    data = {
+        v for v, r in zip(jaxpr.invars, program.roles, strict=True) if not isinstance(r, ParamRef)
+    }
+    found: dict[tuple[str, ...], jcore.JaxprEqn] = {}
+    for eqn in jaxpr.eqns:
+        reads_data = eqn.effects or any(
+            not isinstance(v, jcore.Literal) and v in data for v in eqn.invars
+        )
+        paths = precomputed_paths(eqn)
+        if paths is not None and not reads_data:
+            found[paths] = eqn
+        if reads_data:
+            data.update(eqn.outvars)
+    return found
+
+
 def _stored_layout(program: Program, pack: bool) -> dict[str, StoredWeight]:
     specs = program.meta.get("fake_quant", {})
     out = {}
@@ -160,8 +188,11 @@ def _stored_layout(program: Program, pack: bool) -> dict[str, StoredWeight]:
 def _surgery(program: Program, pack: bool) -> Program:
     layout = _stored_layout(program, pack)
     markers = _entry_markers(program)
+    precomputed = _precomputed(program)
     jaxpr = program.jaxpr.jaxpr
-    marker_ids = {id(e) for e in markers.values()}
+    read_before = {v for e in jaxpr.eqns for v in e.invars if not isinstance(v, jcore.Literal)}
+    read_before |= {v for v in jaxpr.outvars if not isinstance(v, jcore.Literal)}
+    marker_ids = {id(e) for e in (*markers.values(), *precomputed.values())}
     eqns = [e for e in jaxpr.eqns if id(e) not in marker_ids]
     body = jaxpr.replace(eqns=eqns)
     live = live_equations(body)
@@ -181,10 +212,18 @@ def _surgery(program: Program, pack: bool) -> Program:
                     "stored. Quantize every use or exclude it from fake_quant."
                 )
             continue
+        if isinstance(role, ParamRef) and var in read_before and var not in used:
+            continue  # it only fed what is now stored (BatchNorm statistics folded away)
         kept_roles.append(role)
         kept_vars.append(var)
     stored_vars = {path: list(eqn.outvars) for path, eqn in markers.items()}
+    pre_vars = {
+        path: var
+        for paths, eqn in precomputed.items()
+        for path, var in zip(paths, eqn.outvars, strict=True)
+    }
     invars = kept_vars + [v for path in sorted(stored_vars) for v in stored_vars[path]]
+    invars += [pre_vars[path] for path in sorted(pre_vars)]
     body = body.replace(invars=invars)
     jcore.check_jaxpr(body)
     closed = jcore.ClosedJaxpr(body, program.jaxpr.consts)
@@ -202,6 +241,15 @@ def _surgery(program: Program, pack: bool) -> Program:
             if name == "qvalue" and sw.packed:
                 shape, dtype = (*shape[:-1], (shape[-1] + 1) // 2), jnp.uint8
             param_structs[f"{path}/{name}"] = jax.ShapeDtypeStruct(shape, dtype)
+    for path, var in sorted(pre_vars.items()):
+        clash = [p for p in param_structs if p == path or p.startswith(f"{path}/")]
+        clash += [p for p in param_structs if path.startswith(f"{p}/")]
+        if clash:
+            raise ConvertError(
+                f"convert: the precomputed value {path!r} would be stored where {clash[0]!r} "
+                "already is; rename the parameter."
+            )
+        param_structs[path] = jax.ShapeDtypeStruct(tuple(var.aval.shape), var.aval.dtype)
     new_params = _nest(param_structs)
     old_params, inputs = jax.tree.unflatten(program.in_tree, [0] * len(program.roles))
     del old_params
@@ -215,6 +263,9 @@ def _surgery(program: Program, pack: bool) -> Program:
         for leaf, value in zip(new_leaves, flat[:n_params], strict=True):
             if leaf.path in kept_by_path:
                 args[position[id(kept_by_path[leaf.path])]] = value
+                continue
+            if leaf.path in pre_vars:
+                args[position[id(pre_vars[leaf.path])]] = value
                 continue
             path, name = leaf.path.rsplit("/", 1)
             sw = layout[path]
@@ -238,7 +289,11 @@ def _surgery(program: Program, pack: bool) -> Program:
     in_tree = jax.tree.structure((new_params, inputs))
     record = PassRecord("convert", "convert()", tuple(sorted(layout)), ())
     meta = dict(program.meta)
-    meta["convert"] = {"layout": layout, "source_roles": program.roles}
+    meta["convert"] = {
+        "layout": layout,
+        "precomputed": tuple(sorted(pre_vars)),
+        "source_roles": program.roles,
+    }
     return Program(
         new_jaxpr,
         in_tree,
@@ -269,31 +324,88 @@ def convert_params(converted: Program, fake_quant_program: Program, params: Any)
 
     Each weight's integers and scale are computed by the slice of ``fake_quant_program`` that
     computes them there (so they are identical), one weight at a time; the float weights are
-    not kept.
+    not kept. Precomputed values (``fold_batchnorm``'s folded bias) are computed the same way,
+    and the parameters only they read are not kept either.
+
+    Raises:
+      ConvertError: a quantized weight holds a NaN or an inf (the error names its path), or
+        the value quantized for it or a precomputed value is not finite (e.g. a BatchNorm
+        variance below ``-eps``): an integer model cannot represent it, and a fake-quant
+        program would answer NaN there.
     """
-    layout: dict[str, StoredWeight] = converted.meta["convert"]["layout"]
+    info = converted.meta["convert"]
+    layout: dict[str, StoredWeight] = info["layout"]
+    wanted = {r.path for r in converted.params}
     stripped = fake_quant_program
     markers = _entry_markers(stripped)
     jaxpr = stripped.jaxpr.jaxpr
     flat = jax.tree.leaves(params)
     by_var = dict(zip(jaxpr.invars, flat[: len(jaxpr.invars)], strict=False))
+    by_path = {
+        r.path: v for r, v in zip(stripped.roles, flat, strict=False) if isinstance(r, ParamRef)
+    }
+    path_of = {v: r.path for v, r in zip(jaxpr.invars, stripped.roles, strict=True)}
     out: dict[str, Any] = {}
-    for role, value in zip(stripped.roles, flat, strict=False):
-        if isinstance(role, ParamRef) and role.path not in markers:
-            out[role.path] = value
+    for path, value in by_path.items():
+        if path not in markers and path in wanted:
+            out[path] = value
     for path, eqn in sorted(markers.items()):
+        if path not in layout:
+            continue
+        _check(path, by_path.get(path), f"parameter {path!r}", "")
         fn, needed = _slice(jaxpr, stripped.jaxpr.consts, eqn)
         values = jax.jit(fn)(*[by_var[v] for v in needed])
         sw = layout[path]
         for name, value in zip(sw.names, values, strict=True):
+            if name == "scale":
+                _check(
+                    path,
+                    value,
+                    f"the value quantized for parameter {path!r}",
+                    f" It is computed from {[path_of[v] for v in needed]} by earlier passes "
+                    f"({_transforms(stripped, path)}).",
+                )
             if name == "qvalue" and sw.packed:
                 value = pack_int4(value, axis=-1)
             out[f"{path}/{name}"] = value
+    for paths, eqn in sorted(_precomputed(stripped).items()):
+        if not any(p in wanted for p in paths):
+            continue
+        fn, needed = _slice(jaxpr, stripped.jaxpr.consts, eqn)
+        values = jax.jit(fn)(*[by_var[v] for v in needed])
+        sources = [path_of[v] for v in needed]
+        for path, value in zip(paths, values, strict=True):
+            _check(
+                path,
+                value,
+                f"the precomputed value {path!r}",
+                f" It is computed from parameters {sources}; check them (a BatchNorm variance "
+                "below -epsilon gives NaN).",
+            )
+            out[path] = value
     kept = {leaf.path for leaf in flatten_leaves(_nest(dict.fromkeys(out, 0)))}
     missing = [r.path for r in converted.params if r.path not in kept]
     if missing:
         raise ConvertError(f"convert_params: no value for {missing[:5]}")
     return _nest(out)
+
+
+def _check(path: str, value: Any, what: str, hint: str) -> None:
+    if value is None:
+        return
+    check_finite(
+        "convert_params",
+        what,
+        value,
+        ConvertError,
+        hint=f"{hint} An integer model cannot represent it: fix the parameters, or exclude "
+        f"{path!r} from fake_quant(where=...).",
+    )
+
+
+def _transforms(program: Program, path: str) -> str:
+    passes = [r.name for r in program.history if path in r.touched and r.name != "fake_quant"]
+    return ", ".join(passes) or "none"
 
 
 def _slice(jaxpr: jcore.Jaxpr, consts: list[Any], target: jcore.JaxprEqn) -> tuple[Any, list[Any]]:

@@ -13,7 +13,16 @@ Numerics contract:
 * Rounding is round-half-to-even, for the integer codes and for the fp8 casts alike.
 * A scale that is zero or subnormal (all-zero group, or absmax below ~1.5e-36) is replaced by
   1.0: backends flush subnormals to zero, so it would otherwise divide by zero. Zeros stay
-  exactly zero. Inputs must be finite.
+  exactly zero.
+* Non-finite values poison their group, loudly: a group (the values sharing one scale) that
+  holds a NaN or an inf gets a NaN scale (and, asymmetric, a NaN zero point). Every dequantized
+  value of the group is then NaN, and so is every integer-contraction output that is rescaled by
+  it (a whole output channel for a per-channel weight scale, a whole row for a per-token
+  activation scale): quantization never turns a non-finite input into a finite wrong answer.
+  The integer codes of such a group are unspecified (XLA casts NaN to 0). With a *given*
+  (calibrated) ``absmax`` the scale does not look at ``x``, so a NaN in ``x`` is not detected.
+  Where values are concrete, passes raise instead (``convert_params``, ``calibrate``), using
+  :func:`check_finite`.
 """
 
 from __future__ import annotations
@@ -300,8 +309,13 @@ def _div(num: Any, den: Any) -> jax.Array:
 
 
 def _safe_scale(scale: jax.Array) -> jax.Array:
+    # A NaN/inf in the group (absmax or range NaN or inf) gives a NaN scale, so the group and
+    # the outputs rescaled by it are NaN rather than silently finite. (The old `scale >= tiny`
+    # guard mapped NaN to 1.0, and an inf scale made finite values code 0.)
+    scale = jnp.where(jnp.isfinite(scale), scale, jnp.float32(jnp.nan))
     # Zero (all-zero group) or subnormal (flushed to zero by XLA) would divide by zero.
-    return jnp.where(scale >= _TINY, scale, jnp.float32(1.0))
+    # NaN < tiny is False: a NaN scale stays NaN.
+    return jnp.where(scale < _TINY, jnp.float32(1.0), scale)
 
 
 def compute_qparams(
@@ -317,7 +331,8 @@ def compute_qparams(
     reduce axes. Asymmetric: with ``lo = min(min x, 0)`` and ``hi = max(max x, 0)`` (so 0.0 is
     in range and maps to the zero point exactly), ``scale = (hi - lo) / (asym_qmax - asym_qmin)``
     and ``zero_point = clip(round(asym_qmin - lo / scale), asym_qmin, asym_qmax)``. A scale
-    that would be zero or subnormal is 1.0. All math is float32.
+    that would be zero or subnormal is 1.0; a group holding a NaN or an inf gets a NaN scale
+    (see the module docstring). All math is float32.
 
     Args:
         x: The array (any float dtype).
@@ -370,6 +385,48 @@ def compute_qparams(
     scale = _safe_scale(_div(hi - lo, fmt.asym_qmax - fmt.asym_qmin))
     zp = lax.round(fmt.asym_qmin - _div(lo, scale), lax.RoundingMethod.TO_NEAREST_EVEN)
     return QParams(scale, jnp.clip(zp, fmt.asym_qmin, fmt.asym_qmax))
+
+
+def check_finite(
+    where: str, what: str, value: Any, error: type[Exception] = ValueError, *, hint: str = ""
+) -> None:
+    """Raise ``error`` if the concrete array ``value`` holds a NaN or an inf.
+
+    Traced values (under ``jit``) cannot be checked and are skipped: there the NaN scale of
+    :func:`compute_qparams` makes the result NaN instead. Non-float arrays are always finite.
+
+    Args:
+        where: The pass or function, first in the message (``"convert_params"``).
+        what: What ``value`` is, e.g. ``"parameter 'params/Dense_0/kernel'"``.
+        value: The array.
+        error: The exception type to raise.
+        hint: Appended to the message (how to fix it).
+
+    Raises:
+        error: ``value`` has a NaN or an inf; the message counts them and gives the first index.
+
+    Example:
+        >>> check_finite("demo", "parameter 'w'", jnp.array([1.0, jnp.inf]))
+        Traceback (most recent call last):
+        ...
+        ValueError: demo: parameter 'w' has non-finite values: 0 NaN and 1 inf among 2 (first at index (1,)).
+    """  # noqa: E501
+    try:
+        v = np.asarray(value)
+    except jax.errors.TracerArrayConversionError:
+        return
+    if not jnp.issubdtype(v.dtype, jnp.floating):
+        return
+    v = v.astype(np.float32)
+    bad = ~np.isfinite(v)
+    if not bad.any():
+        return
+    n_nan = int(np.isnan(v).sum())
+    first = tuple(int(i) for i in np.argwhere(bad)[0])
+    raise error(
+        f"{where}: {what} has non-finite values: {n_nan} NaN and {int(bad.sum()) - n_nan} inf "
+        f"among {v.size} (first at index {first}).{hint}"
+    )
 
 
 # ---- quantize / dequantize -------------------------------------------------------------
@@ -600,6 +657,7 @@ __all__ = [
     "QFormat",
     "QParams",
     "QuantSpec",
+    "check_finite",
     "compute_qparams",
     "dequantize",
     "fake_quant",
