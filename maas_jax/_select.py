@@ -49,11 +49,16 @@ class ParamInfo:
 
     @property
     def is_weight(self) -> bool:
-        """A trainable floating parameter that a dot_general or convolution consumes."""
+        """A trainable floating parameter that a dot_general or convolution sums over.
+
+        A ``dot_general`` that contracts none of the parameter's axes is a broadcast product
+        (named-axis libraries such as penzai scale by a norm's ``scale`` that way): it does
+        not make the parameter a weight.
+        """
         return (
             self.role.trainable
             and is_floating(self.role.dtype)
-            and any(u.primitive in CONTRACTION_PRIMITIVES for u in self.uses)
+            and any(_sums_over(u) for u in self.uses)
         )
 
     @property
@@ -74,6 +79,15 @@ class ParamInfo:
         """
         opaque = any(u.opaque for u in self.uses) and is_floating(self.role.dtype)
         return self.is_weight or self.is_table or opaque
+
+
+def _sums_over(use: Use) -> bool:
+    if use.primitive not in CONTRACTION_PRIMITIVES:
+        return False
+    if use.primitive != "dot_general":
+        return True
+    contracting = dict(use.dims).get("contracting")
+    return contracting is None or bool(contracting[use.operand])
 
 
 @dataclasses.dataclass(frozen=True)

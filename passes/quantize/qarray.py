@@ -497,15 +497,8 @@ def float_contraction(eqn: Any, lhs: Any, rhs: Any) -> Any:
 
 
 def quantize_weight_at_entry(w: Any, spec: QuantSpec, path: str, marker: Any) -> QArray:
-    """The entry transform: quantize ``w`` inside the marker region, keep the float for STE.
-
-    The stored values pass an optimization barrier: ``convert`` turns them into program
-    inputs, and without the barrier XLA would fuse their computation into the consumers of
-    the fake-quant program only, vectorizing those (softmax sums, rescales) differently, so
-    the two programs could differ by an ulp under ``jax.jit``. With it, what follows the
-    marker compiles the same way in both, and they agree bit for bit under jit too.
-    """
-    q, scale, zero_point = jax.lax.optimization_barrier(marker(w))
+    """The entry transform: quantize ``w`` inside the marker region, keep the float for STE."""
+    q, scale, zero_point = marker(w)
     return QArray(q, scale, zero_point, w, spec, w.dtype, path)
 
 
