@@ -184,8 +184,21 @@ def _local(t: Tag | None) -> Tag | None:
     return None if t is None else dataclasses.replace(t, local_shard=True)
 
 
-def regions(eqn: jcore.JaxprEqn, in_tags: Sequence[Tag | None]) -> list[Region]:
-    """The sub-jaxprs of a known higher-order equation with their input tags."""
+def regions(
+    eqn: jcore.JaxprEqn,
+    in_tags: Sequence[Any],
+    *,
+    sliced: Callable[[Any], Any] | None = None,
+    local: Callable[[Any], Any] | None = None,
+) -> list[Region]:
+    """The sub-jaxprs of a known higher-order equation with their input tags.
+
+    ``sliced`` / ``local`` map what enters as a scan ``xs`` / a shard_map operand (default:
+    the :class:`Tag` rules); loop carries always enter as None. :func:`walk_lineage` passes
+    identities.
+    """
+    _sliced_ = sliced or _sliced
+    _local_ = local or _local
     kind = _compat.hop_kind(eqn)
     tags = tuple(in_tags)
     if kind in ("jit", "call"):
@@ -195,11 +208,11 @@ def regions(eqn: jcore.JaxprEqn, in_tags: Sequence[Tag | None]) -> list[Region]:
     if kind in ("custom_jvp", "custom_vjp"):
         return [Region(kind, _compat.custom_call_body(eqn), tags, True)]
     if kind == "shard_map":
-        return [Region(kind, _compat.shard_map_body(eqn), tuple(map(_local, tags)), True)]
+        return [Region(kind, _compat.shard_map_body(eqn), tuple(map(_local_, tags)), True)]
     if kind == "scan":
         n_consts, n_carry = _compat.scan_layout(eqn)
         consts, xs = tags[:n_consts], tags[n_consts + n_carry :]
-        sub = (*consts, *([None] * n_carry), *map(_sliced, xs))
+        sub = (*consts, *([None] * n_carry), *map(_sliced_, xs))
         return [Region(kind, _compat.scan_body(eqn), sub, False)]
     if kind == "while":
         cond, n_cond, body, n_body = _compat.while_parts(eqn)
@@ -555,35 +568,6 @@ class Lineage:
 CONSTANT = Lineage(frozenset())  # literals, closed-over constants, iota
 
 
-def _lineage_regions(
-    eqn: jcore.JaxprEqn, lins: tuple[Lineage | None, ...]
-) -> list[tuple[str, jcore.ClosedJaxpr, tuple[Lineage | None, ...], bool]]:
-    """Like :func:`regions`, for lineages (scan xs keep theirs; loop carries are activations)."""
-    kind = _compat.hop_kind(eqn)
-    if kind in ("jit", "call"):
-        return [(kind, _compat.jit_jaxpr(eqn), lins, True)]
-    if kind == "remat":
-        return [(kind, _compat.remat_body(eqn), lins, True)]
-    if kind in ("custom_jvp", "custom_vjp"):
-        return [(kind, _compat.custom_call_body(eqn), lins, True)]
-    if kind == "shard_map":
-        return [(kind, _compat.shard_map_body(eqn), lins, True)]
-    if kind == "scan":
-        n_consts, n_carry = _compat.scan_layout(eqn)
-        sub = (*lins[:n_consts], *([None] * n_carry), *lins[n_consts + n_carry :])
-        return [(kind, _compat.scan_body(eqn), sub, False)]
-    if kind == "while":
-        cond, n_cond, body, n_body = _compat.while_parts(eqn)
-        carry = (None,) * (len(lins) - n_cond - n_body)
-        return [
-            ("while_cond", cond, (*lins[:n_cond], *carry), False),
-            ("while", body, (*lins[n_cond : n_cond + n_body], *carry), False),
-        ]
-    if kind == "cond":
-        return [("cond", b, lins[1:], True) for b in _compat.cond_branches(eqn)]
-    return []
-
-
 LineageVisitor = Callable[[Site, tuple["Lineage | None", ...]], None]
 
 
@@ -634,10 +618,12 @@ def walk_lineage(
         elif kind is not None and not is_marker(eqn):
             outs = [None] * len(eqn.outvars)
             first = True
-            for rkind, closed, sub_lins, maps in _lineage_regions(eqn, lins):
+            same = lambda x: x  # noqa: E731  (a lineage is the same for a slice or a shard)
+            for region in regions(eqn, lins, sliced=same, local=same):
+                rkind, maps = region.kind, region.outputs_map_to_eqn
                 sub_out = walk_lineage(
-                    closed.jaxpr,
-                    sub_lins,
+                    region.jaxpr.jaxpr,
+                    region.in_tags,
                     visit,
                     name_stack=ns,
                     regions_=(*regions_, rkind),

@@ -43,6 +43,7 @@ class CoverageEntry:
     opaque: bool  # inside a region no rewrite can reach (unknown primitive)
     in_custom: bool  # inside a custom_jvp/custom_vjp region (left opaque by default)
     int_operands: bool = False
+    sums: bool = True  # False: a dot_general contracting nothing (a broadcast product)
 
     @property
     def touched(self) -> bool:
@@ -50,7 +51,8 @@ class CoverageEntry:
 
     @property
     def has_param(self) -> bool:
-        return any(o not in ("activation", "constant") for o in self.operands)
+        """A real contraction (it sums) with an operand derived from parameters."""
+        return self.sums and any(o not in ("activation", "constant") for o in self.operands)
 
     @property
     def untouched_weight(self) -> bool:
@@ -79,6 +81,10 @@ def _entry(site: Site, lins: tuple[Lineage | None, ...], history: Any) -> Covera
     ints = all(
         jnp.issubdtype(v.aval.dtype, jnp.integer) for v in site.eqn.invars[:2]
     ) and site.primitive in ("dot_general", "conv_general_dilated")
+    sums = True
+    if site.primitive == "dot_general":
+        (lc, _), _ = site.eqn.params["dimension_numbers"]
+        sums = bool(lc)
     return CoverageEntry(
         site.primitive,
         site.name_stack,
@@ -89,6 +95,7 @@ def _entry(site: Site, lins: tuple[Lineage | None, ...], history: Any) -> Covera
         "opaque" in site.regions,
         any(r in ("custom_jvp", "custom_vjp") for r in site.regions),
         ints,
+        sums,
     )
 
 
@@ -170,13 +177,18 @@ def param_report(program: Program, *, max_rows: int | None = None) -> str:
 def coverage_report(program: Program, *, max_rows: int | None = None) -> str:
     """Coverage as a text table, ending with a one-line summary."""
     entries = coverage(program)
+    any_touched = any(e.touched for e in entries)  # before any pass, nothing is "left out"
     rows = [
         (
             e.primitive.replace("conv_general_dilated", "conv"),
             e.name_stack or "<root>",
             " x ".join(e.operands),
             ",".join(e.touched_by) + (" [int]" if e.int_operands else "")
-            or ("OPAQUE" if e.opaque else ("UNTOUCHED" if e.untouched_weight else "-")),
+            or (
+                "OPAQUE"
+                if e.opaque
+                else ("UNTOUCHED" if e.untouched_weight and any_touched else "-")
+            ),
             " > ".join(e.regions) or "top",
         )
         for e in entries

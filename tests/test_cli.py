@@ -22,7 +22,10 @@ def test_demo_runs_and_its_checks_pass(capsys):
     out = capsys.readouterr().out
     assert out.count("bit-exact: True") == 2
     assert "bit-exact: False" not in out
-    assert "48 contractions, 36 with a parameter operand, 36 touched by a pass, 0 opaque" in out
+    assert (
+        "48 contractions, 36 with a parameter operand, 36 touched by a pass, 0 on integers, 0 opaque"
+        in out
+    )
     assert "all checks passed" in out
 
 

@@ -30,6 +30,7 @@ def tied_lm():
     return tpm._penzai_lm(mlp_variant="swiglu", tie_embedder_and_logits=True)
 
 
+@pytest.mark.slow
 def test_eager_bit_exact_and_jit_within_float_rounding(tied_lm):
     fn, params, inputs = tied_lm
     prog = maas_jax.trace(fn, params, *inputs)
