@@ -48,7 +48,10 @@ PRESETS = ["dp", "fsdp", "tp", "fsdp_tp"]
 
 
 @pytest.mark.parametrize("preset", PRESETS)
-@pytest.mark.parametrize("model", ["mlp", "linen_scan_remat_transformer"])
+@pytest.mark.parametrize(
+    "model",
+    ["mlp", pytest.param("linen_scan_remat_transformer", marks=pytest.mark.slow)],
+)
 @pytest.mark.parametrize("extra", ["plain", "prune+fake_quant"])
 def test_sharded_forward_grads_and_steps_equal_unsharded(preset, model, extra):
     if model == "mlp":

@@ -368,7 +368,8 @@ def _reduce_axes(info: ParamInfo, rule: QuantRule) -> tuple[tuple[int, ...], set
             within, ok2 = map_dims_to_param_axes(range(len(use.shape)), use.views)
             contract |= within - rows
             exact &= ok and ok2
-    seen = seen or set(range(ndim))
+    stacked = max((u.sliced for u in info.uses), default=0)  # scan layer axes
+    seen = seen or set(range(stacked, ndim))
     if rule.channel_axes is not None:
         keep = {a % ndim for a in rule.channel_axes} if ndim else set()
         return tuple(a for a in range(ndim) if a not in keep), contract
