@@ -179,16 +179,35 @@ def _checksum_words(x: jax.Array) -> jax.Array:
     return jnp.stack([s1, s2])
 
 
-_checksum_jit = jax.jit(_checksum_words)
+@jax.jit
+def _checksum_batch(values: list[jax.Array]) -> jax.Array:
+    return jnp.stack([_checksum_words(x) for x in values])
+
+
+CHECKSUM_BATCH = 32  # leaves per compiled checksum program
 
 
 def _checksums(leaves: list[tuple[str, Any]]) -> list[str]:
-    """Hex checksums of the leaves, computed on their devices (all dispatched, then fetched)."""
-    pending = [_checksum_jit(value) for _, value in leaves]
-    out = []
-    for words in pending:
-        s1, s2 = (int(v) for v in np.asarray(words))
-        out.append(f"{s1:08x}{s2:08x}")
+    """Hex checksums of the leaves, computed on their devices.
+
+    Bounded batches, each one compiled program read back before the next starts: dispatching
+    one sharded reduction per leaf all at once makes XLA's CPU collectives give up ("Termination
+    timeout for all reduce") and abort the process once there are a few dozen sharded leaves.
+    Inside one program the reductions are scheduled one after another.
+    """
+    # One program takes arrays on one set of devices: group the leaves by it.
+    groups: dict[Any, list[int]] = {}
+    for i, (_, value) in enumerate(leaves):
+        sharding = getattr(value, "sharding", None)
+        key = None if sharding is None else frozenset(d.id for d in sharding.device_set)
+        groups.setdefault(key, []).append(i)
+    out: list[str] = [""] * len(leaves)
+    for idx in groups.values():
+        for start in range(0, len(idx), CHECKSUM_BATCH):
+            chunk = idx[start : start + CHECKSUM_BATCH]
+            words = np.asarray(_checksum_batch([leaves[i][1] for i in chunk])).tolist()
+            for i, (s1, s2) in zip(chunk, words, strict=True):
+                out[i] = f"{int(s1):08x}{int(s2):08x}"
     return out
 
 
