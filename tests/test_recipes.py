@@ -83,3 +83,31 @@ def test_minilm_cosine_targets():
 
         qwix_cos = qwix_baseline.qwix_minilm_cosine("int8", "int8", num_sentences=64)
     assert cos["w8a8-matmuls"] >= qwix_cos
+
+
+def test_quantized_model_jits_has_a_short_repr_and_takes_nnx_modules():
+    from flax import nnx
+
+    w = jax.random.normal(jax.random.key(0), (64, 8))
+    q = passes.quantize_model(lambda p, x: x @ p["w"], {"w": w}, jnp.ones((4, 64)), recipe="w8a8")
+    x = jax.random.normal(jax.random.key(1), (4, 64))
+    np.testing.assert_array_equal(np.asarray(jax.jit(q)(x)), np.asarray(q.program(q.params, x)))
+    np.testing.assert_array_equal(np.asarray(q(x)), np.asarray(q.program(q.params, x)))
+    text = repr(q)
+    assert len(text) < 200 and "w8a8" in text and "fp32" in text, text
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.l1 = nnx.Linear(16, 32, rngs=rngs)
+            self.l2 = nnx.Linear(32, 4, rngs=rngs)
+
+        def __call__(self, x):
+            return self.l2(nnx.relu(self.l1(x)))
+
+    net = Net(nnx.Rngs(0))
+    xs = jax.random.normal(jax.random.key(2), (3, 16))
+    qn = passes.quantize_model(net, xs, recipe="w8")
+    assert qn.params["l1"]["kernel"]["qvalue"].dtype == jnp.int8
+    ref = np.asarray(net(xs))
+    got = np.asarray(qn(xs))
+    assert np.abs(got - ref).max() < 0.05 * np.abs(ref).max()

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterable
 from typing import Any
 
@@ -38,22 +39,40 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class QuantizedModel:
-    """An integer program with its stored weights; call it with the model's inputs."""
+    """An integer program with its stored weights; call it with the model's inputs.
+
+    Calls run one compiled executable (the program is jitted once, the stored weights are its
+    arguments); ``jax.jit(q)`` works too (the object hashes by identity).
+    """
 
     program: Program
     params: Any
     fake_quant_program: Program
     float_bytes: int
     stored_bytes: int
+    recipe: str = ""
 
     @property
     def bytes_ratio(self) -> float:
         return self.stored_bytes / self.float_bytes
 
+    @functools.cached_property
+    def _compiled(self) -> Any:
+        import jax
+
+        return jax.jit(self.program)
+
     def __call__(self, *inputs: Any) -> Any:
-        return self.program(self.params, *inputs)
+        return self._compiled(self.params, *inputs)
+
+    def __repr__(self) -> str:
+        n = len(self.program.params)
+        return (
+            f"QuantizedModel({self.program.name!r}, recipe={self.recipe!r}, {n} stored arrays, "
+            f"{self.stored_bytes:,} bytes = {self.bytes_ratio:.3f}x fp32)"
+        )
 
 
 def lookup_table(path: str, info: Any) -> bool:
@@ -85,8 +104,10 @@ def quantize_model(
     """Trace, (fold BatchNorm,) fake-quantize, (calibrate,) convert: one call.
 
     Args:
-      model: a function ``fn(params, *inputs)`` or a Flax Linen module (its ``apply``).
-      params: the float parameters (Linen variables, NNX state, a dict).
+      model: a function ``fn(params, *inputs)``, a Flax Linen module (its ``apply``), or a
+        Flax NNX module, called as ``quantize_model(nnx_module, *inputs)`` (it carries its
+        parameters; ``params`` is then its first input).
+      params: the float parameters (Linen variables, a dict).
       *inputs: example inputs (shapes the program is specialised to).
       recipe: one of :data:`RECIPES` (``"w8a8"`` dynamic int8, ``"w8a8-static"`` calibrated,
         ``"w8"`` / ``"w4"`` weight-only, ``"w4a8"``, ``"fp8"``).
@@ -100,8 +121,13 @@ def quantize_model(
     """
     if recipe not in RECIPES:
         raise ValueError(f"quantize_model: unknown recipe {recipe!r}; one of {', '.join(RECIPES)}")
-    fn = getattr(model, "apply", model)
-    program = maas_jax.trace(fn, params, *inputs)
+    if _is_nnx(model):
+        # quantize_model(nnx_module, *inputs): the module carries its own parameters.
+        inputs = (params, *inputs)
+        program, params = maas_jax.trace_nnx(model, *inputs)
+    else:
+        fn = getattr(model, "apply", model)
+        program = maas_jax.trace(fn, params, *inputs)
     before = list(passes_before)
     if fold_batchnorm:
         from maas_jax.passes.fold_batchnorm import fold_batchnorm as fold
@@ -121,4 +147,12 @@ def quantize_model(
         fq = calibrate(fq, params, calibration_data)
     int_prog = convert()(fq)
     stored = convert_params(int_prog, fq, params)
-    return QuantizedModel(int_prog, stored, fq, _nbytes(params), _nbytes(stored))
+    return QuantizedModel(int_prog, stored, fq, _nbytes(params), _nbytes(stored), recipe)
+
+
+def _is_nnx(model: Any) -> bool:
+    try:
+        from flax import nnx
+    except ImportError:  # pragma: no cover - flax is a dependency
+        return False
+    return isinstance(model, nnx.Module)
