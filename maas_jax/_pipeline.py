@@ -7,6 +7,13 @@ jaxpr type-checks (``jax.extend.core.check_jaxpr``) and the signature — input/
 shapes and dtypes, roles — is what it was. A failure raises :class:`PassError` naming the pass,
 the passes run before it, and (when the type checker names one) the equation with its user
 source line and a window of the jaxpr around it.
+
+Errors raised *by* a pass get the same context, like torch.fx's pass manager: any exception
+from a user pass becomes a :class:`PassError` chained to the original (``raise ... from e``);
+a maas_jax error (a :class:`MaasError` such as ``SelectionError``) becomes a PassError that is
+*also* an instance of its original type, so both ``except PassError`` and
+``except SelectionError`` catch it; a PassError passes through unchanged. Calling a pipeline
+on anything but a Program (a plain function, say) is a TypeError saying to trace it first.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from typing import Any, Protocol, runtime_checkable
 from jax.extend import core as jcore
 
 from maas_jax._errors import MaasError, PassError
-from maas_jax._program import Program
+from maas_jax._program import Program, require_program
 
 
 @runtime_checkable
@@ -52,14 +59,23 @@ class Pipeline:
                 yield p
 
     def __call__(self, program: Program) -> Program:
+        require_program(program, self._short())
         done: list[Any] = []
         for p in self.leaves():
             try:
                 result = p(program)
             except PassError:
-                raise
+                raise  # already names its pass
             except MaasError as e:
-                raise PassError(_context(p, done) + f"\n{type(e).__name__}: {e}") from e
+                # A library error keeps its type (``pytest.raises(SelectionError)`` still
+                # catches it) and gains the pipeline context as a PassError.
+                raise _pass_error_like(e, _context(p, done) + f"\n{type(e).__name__}: {e}") from e
+            except Exception as e:
+                raise PassError(
+                    _context(p, done) + f"\nit raised {type(e).__name__}: {e}\n"
+                    "The pass itself raised it (the original traceback is chained above): fix "
+                    f"the pass, or debug it alone on the program it got, {pass_name(p)}(program)."
+                ) from e
             if not isinstance(result, Program):
                 raise PassError(
                     _context(p, done) + f"\nthe pass returned a {type(result).__name__}, "
@@ -74,6 +90,10 @@ class Pipeline:
     def __repr__(self) -> str:
         inner = ", ".join(repr(p) for p in self.passes)
         return f"pipeline({inner})"
+
+    def _short(self) -> str:
+        text = repr(self)
+        return text if len(text) <= 80 else "maas_jax.pipeline(...)"
 
 
 def pipeline(*passes: Any, verify: bool = True) -> Pipeline:
@@ -92,6 +112,31 @@ def pipeline(*passes: Any, verify: bool = True) -> Pipeline:
                 "e.g. maas_jax.passes.clip_weights(3.0)."
             )
     return Pipeline(tuple(passes), verify)
+
+
+_PASS_ERROR_TYPES: dict[type, type] = {}
+
+
+def _pass_error_like(e: MaasError, message: str) -> PassError:
+    """A PassError that is also an instance of ``type(e)`` (one class per error type)."""
+    cls = type(e)
+    if cls not in _PASS_ERROR_TYPES:
+        try:
+            _PASS_ERROR_TYPES[cls] = type(
+                f"PassError[{cls.__name__}]",
+                (PassError, cls),
+                {"__module__": PassError.__module__, "__reduce__": _reduce_as_pass_error},
+            )
+        except TypeError:  # an incompatible layout: fall back to a plain PassError
+            _PASS_ERROR_TYPES[cls] = PassError
+    try:
+        return _PASS_ERROR_TYPES[cls](message)
+    except Exception:  # a subclass whose __init__ wants more than a message
+        return PassError(message)
+
+
+def _reduce_as_pass_error(self: BaseException) -> tuple[Any, ...]:
+    return (PassError, self.args)
 
 
 def _context(p: Any, done: list[Any]) -> str:

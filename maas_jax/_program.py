@@ -171,13 +171,35 @@ def to_fn(program: Program) -> Callable[..., Any]:
     return fn
 
 
+def require_program(obj: Any, who: str) -> None:
+    """Raise a TypeError that teaches unless ``obj`` is a Program (passes call this first).
+
+    ``who`` is how the pass is written, e.g. ``"dce()"``.
+    """
+    if isinstance(obj, Program):
+        return
+    if callable(obj):
+        name = getattr(obj, "__name__", None) or type(obj).__name__
+        got = f"the function {name!r}"
+    else:
+        got = f"a {type(obj).__name__} ({obj!r:.60})"
+    raise TypeError(
+        f"{who} was given {got}, not a Program. Passes rewrite traced programs: trace it "
+        f"first with maas_jax.trace(fn, params, *inputs), then apply the pass:\n"
+        f"    program = maas_jax.trace(fn, params, *inputs)\n"
+        f"    out = {who}(program)"
+    )
+
+
 # ---- tracing -------------------------------------------------------------------------
 
 
 def _is_array_like(x: Any) -> bool:
     if isinstance(x, jax.Array | np.ndarray | np.generic | jax.ShapeDtypeStruct):
         return True
-    return isinstance(x, bool | int | float | complex)
+    # A Python bool is rejected: it is almost always a flag (``train``, ``deterministic``),
+    # and traced it becomes an abstract array that ``if flag:`` cannot branch on.
+    return isinstance(x, int | float | complex) and not isinstance(x, bool)
 
 
 _LINEN_BOXES = ("Partitioned", "LogicallyPartitioned", "AxisMetadata")
@@ -198,7 +220,9 @@ def _is_linen_variables(params: Any) -> bool:
     return isinstance(params, Mapping) and "params" in params
 
 
-def _roles_for(params: Any, inputs: tuple[Any, ...], fn_name: str) -> tuple[Role, ...]:
+def _roles_for(
+    params: Any, inputs: tuple[Any, ...], fn_name: str, fn: Any = None
+) -> tuple[Role, ...]:
     roles: list[Role] = []
     linen = _is_linen_variables(params)
     for leaf in flatten_leaves(params):
@@ -214,19 +238,67 @@ def _roles_for(params: Any, inputs: tuple[Any, ...], fn_name: str) -> tuple[Role
         )
     for key_path, x in jax.tree_util.tree_flatten_with_path(inputs)[0]:
         path = "args/" + key_path_str(key_path)
-        _check_leaf(path, x, fn_name)
+        _check_leaf(path, x, fn_name, positional=_positional_index(key_path), fn=fn)
         roles.append(InputRef(path, tuple(np.shape(x)), np.dtype(jax.numpy.result_type(x))))
     return tuple(roles)
 
 
-def _check_leaf(path: str, x: Any, fn_name: str) -> None:
-    if not _is_array_like(x):
+def _positional_index(key_path: tuple[Any, ...]) -> int | None:
+    """The index in ``inputs`` of a leaf that *is* a positional input (not inside one)."""
+    if len(key_path) == 1 and isinstance(key_path[0], jax.tree_util.SequenceKey):
+        return key_path[0].idx
+    return None
+
+
+def _check_leaf(
+    path: str, x: Any, fn_name: str, *, positional: int | None = None, fn: Any = None
+) -> None:
+    if _is_array_like(x):
+        return
+    head = f"maas_jax.trace({fn_name}): leaf {path!r} is a {type(x).__name__} ({x!r:.60}), "
+    if isinstance(x, bool | str):
+        if positional is not None:
+            name = _param_name(fn, positional + 1) or "flag"
+            where = f"positional argument {positional + 2} of {fn_name} (after params) is"
+            fix = (
+                "Bind it as a keyword before tracing: "
+                f"maas_jax.trace(functools.partial({fn_name}, {name}={x!r}), params, ...)"
+            )
+        else:
+            name = path.rsplit("/", 1)[-1]
+            where = "a leaf like this is"
+            fix = (
+                "Take it out of the pytree and bind it before tracing with "
+                f"functools.partial({fn_name}, ...)"
+            )
+        why = ""
+        if isinstance(x, bool):
+            why = (
+                "A Program's inputs are traced to abstract arrays, so the function would not "
+                f"see {x!r} and `if {name}:` would fail while tracing. "
+            )
+            fix += f"; if it really is data, pass an array: jnp.asarray({x!r})"
         raise TraceError(
-            f"maas_jax.trace({fn_name}): leaf {path!r} is a {type(x).__name__} "
-            f"({x!r:.60}), not an array. Every leaf of the parameters and inputs must be an "
-            "array (or a Python number / jax.ShapeDtypeStruct). Bind static configuration "
-            "with functools.partial(fn, ...) before tracing."
+            head + f"not an array: {where} static configuration, not an input. {why}{fix}."
         )
+    raise TraceError(
+        head + "not an array. Every leaf of the parameters and inputs must be an "
+        "array (or a Python number / jax.ShapeDtypeStruct). Bind static configuration "
+        "with functools.partial(fn, ...) before tracing."
+    )
+
+
+def _param_name(fn: Any, index: int) -> str | None:
+    """The name of ``fn``'s ``index``-th positional parameter, if its signature says."""
+    import inspect
+
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    if index < len(params) and params[index].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD:
+        return params[index].name
+    return None
 
 
 def trace(fn: Callable[..., Any], params: Any, *inputs: Any, name: str | None = None) -> Program:
@@ -245,7 +317,7 @@ def trace(fn: Callable[..., Any], params: Any, *inputs: Any, name: str | None = 
     [2.0, 2.0, 2.0]
     """
     fn_name = name or getattr(fn, "__name__", None) or type(fn).__name__
-    roles = _roles_for(params, inputs, fn_name)
+    roles = _roles_for(params, inputs, fn_name, fn)
     flat, in_tree = jax.tree_util.tree_flatten((params, inputs))
 
     def flat_fn(*flat_args: Any) -> Any:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import sys
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -226,6 +227,20 @@ def select(
             f"(or only parameters an earlier rule took). Parameters: "
             f"{', '.join(list(infos)[:8])}{', ...' if len(infos) > 8 else ''}",
             UnusedRuleWarning,
-            stacklevel=3,
+            stacklevel=_user_stacklevel(),
         )
     return Selection(chosen, infos, unused, rules)
+
+
+def _user_stacklevel() -> int:
+    """The ``warnings.warn`` stacklevel, seen from its caller, of the first frame outside
+    maas_jax: the user's line that called the pass, directly or through a pipeline."""
+    level, frame = 1, sys._getframe(1)
+    while frame.f_back is not None and _in_package(frame):
+        level, frame = level + 1, frame.f_back
+    return level
+
+
+def _in_package(frame: Any) -> bool:
+    name = frame.f_globals.get("__name__", "")
+    return name == "maas_jax" or name.startswith("maas_jax.")

@@ -1,8 +1,9 @@
-"""The ``maas-jax`` command line.
+"""The ``maas-jax`` command line (also ``python -m maas_jax``).
 
 ``maas-jax demo`` runs the end-to-end demo on the bundled all-MiniLM-L6-v2 model: load the
 weights into our Flax BERT, trace the sentence-embedding function, print the parameter /
-consumer / coverage reports, run pipelines and check their outputs.
+consumer / coverage reports, run pipelines and check their outputs. ``maas-jax version`` (or
+``--version``) prints the versions.
 """
 
 from __future__ import annotations
@@ -20,6 +21,25 @@ import numpy as np
 
 def _section(title: str) -> None:
     print(f"\n== {title} " + "=" * max(0, 74 - len(title)))
+
+
+def _progress(message: str) -> None:
+    """Say what a long, silent step is doing before it starts."""
+    print(message, flush=True)
+
+
+def _pipeline_summary(pipe: Any, width: int = 96) -> str:
+    """One line per pass, long configurations shortened: readable where ``repr`` is not."""
+    from maas_jax._pipeline import pass_name
+
+    steps = list(pipe.leaves())
+    lines = [f"pipeline of {len(steps)} passes:"]
+    for i, p in enumerate(steps, 1):
+        text = repr(p)
+        if len(text) > width:
+            text = text[: width - 5] + " ...)"
+        lines.append(f"  {i}. {pass_name(p):<15} {text}")
+    return "\n".join(lines)
 
 
 def _timed(fn: Any, *args: Any) -> tuple[Any, float]:
@@ -88,7 +108,7 @@ def demo(n_sentences: int = 16, clip_quantile: float = 0.9999) -> int:
     ]
     bound = float(np.quantile(np.concatenate([w.ravel() for w in weights]), clip_quantile))
     pipe = maas_jax.pipeline(passes.clip_weights(bound), passes.dce())
-    print(repr(pipe))
+    print(_pipeline_summary(pipe))
     clipped, t_pass = _timed(pipe, program)
     print(
         f"passes ran in {t_pass:.2f} s; clipped: {len(clipped.history[0].touched)} weights "
@@ -124,6 +144,10 @@ def demo(n_sentences: int = 16, clip_quantile: float = 0.9999) -> int:
         f"{1.0:>13.6f}{1.0:>10.6f}"
     )
     for label, recipe in (("int8 weight-only", "w8"), ("w8a8 dynamic", "w8a8")):
+        _progress(
+            f"  quantizing MiniLM {recipe}, converting to integers and timing it "
+            f"(about {_QUANT_SECONDS[recipe]} s on 2 CPU cores)..."
+        )
         fq = passes.fake_quant(**passes.RECIPES[recipe])(program)
         int_prog = passes.convert()(fq)
         stored = passes.convert_params(int_prog, fq, variables)
@@ -159,6 +183,10 @@ def _prune_and_quantize_digits() -> int:
     from maas_jax.passes.prune import export
 
     _section("prune + quantize the digits CNN in one pipeline (sklearn digits)")
+    _progress(
+        f"training the digits CNN on sklearn digits "
+        f"(about {_DIGITS_TRAIN_SECONDS} s on 2 CPU cores)..."
+    )
     model, variables, (_, _, x_te, y_te) = digits.pretrained("cnn_bn")
     apply_fn = digits.make_apply(model)
     program = maas_jax.trace(apply_fn, variables, x_te, name="digits_cnn")
@@ -166,7 +194,7 @@ def _prune_and_quantize_digits() -> int:
     pipe = maas_jax.pipeline(
         passes.fold_batchnorm(), passes.prune(masks=masks), passes.fake_quant("int8", act="int8")
     )
-    print(repr(pipe))
+    print(_pipeline_summary(pipe))
     fq = pipe(program)
     int_prog = passes.convert()(fq)
     stored = passes.convert_params(int_prog, fq, variables)
@@ -223,20 +251,64 @@ def _clip_kernels(variables: Any, paths: Sequence[str], bound: float) -> Any:
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(variables), leaves)
 
 
+# Rough wall times of the demo's long silent steps on 2 CPU cores (the progress lines say them).
+_QUANT_SECONDS = {"w8": 10, "w8a8": 15}
+_DIGITS_TRAIN_SECONDS = 10
+_N_SENTENCES = 72  # len(maas_jax.models.sentences.SENTENCES), checked by tests/test_cli.py
+
+
+def _sentence_count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 1 <= n <= _N_SENTENCES:
+        raise argparse.ArgumentTypeError(
+            f"must be between 1 and {_N_SENTENCES} (the bundled demo sentences), got {n}"
+        )
+    return n
+
+
+def _quantile(text: str) -> float:
+    try:
+        q = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 < q <= 1.0:
+        raise argparse.ArgumentTypeError(
+            f"must be a quantile in (0, 1], e.g. 0.9999 (clip at the 99.99th percentile of "
+            f"|w|), got {q}"
+        )
+    return q
+
+
+def _versions() -> str:
+    import maas_jax
+
+    return f"maas_jax {maas_jax.__version__}, jax {jax.__version__}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="maas-jax", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=_versions())
     sub = parser.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="end-to-end demo on the bundled all-MiniLM-L6-v2")
-    d.add_argument("--sentences", type=int, default=16, help="how many demo sentences")
     d.add_argument(
-        "--clip-quantile", type=float, default=0.9999, help="clip kernels at this quantile of |w|"
+        "--sentences",
+        type=_sentence_count,
+        default=16,
+        help=f"how many demo sentences, 1 to {_N_SENTENCES} (default 16)",
+    )
+    d.add_argument(
+        "--clip-quantile",
+        type=_quantile,
+        default=0.9999,
+        help="clip kernels at this quantile of |w|, in (0, 1] (default 0.9999)",
     )
     sub.add_parser("version", help="print versions")
     ns = parser.parse_args(argv)
     if ns.command == "version":
-        import maas_jax
-
-        print(f"maas_jax {maas_jax.__version__}, jax {jax.__version__}")
+        print(_versions())
         return 0
     try:
         return demo(ns.sentences, ns.clip_quantile)

@@ -15,6 +15,7 @@ from jax.extend import core as jcore
 from maas_jax import PassRecord, Program, Rewrite, rewrite
 from maas_jax._compat import hop_kind, sub_jaxprs
 from maas_jax._liveness import live_equations, used_operands
+from maas_jax._program import require_program
 from maas_jax._provenance import is_marker
 
 _OPAQUE_KINDS = (None, "custom_jvp", "custom_vjp")
@@ -41,6 +42,7 @@ class DCE:
         return "dce()"
 
     def __call__(self, program: Program) -> Program:
+        require_program(program, repr(self))
         dead = count_dead(program.jaxpr.jaxpr)
         if not dead:
             return program

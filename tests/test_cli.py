@@ -27,6 +27,9 @@ def test_demo_runs_and_its_checks_pass(capsys):
         in out
     )
     assert "all checks passed" in out
+    # Progress before the long silent steps; pipelines summarized one pass a line.
+    assert "quantizing MiniLM w8a8" in out and "training the digits CNN" in out
+    assert "pipeline of 3 passes:" in out and "  3. fake_quant " in out
 
 
 def test_version(capsys):
