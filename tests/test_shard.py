@@ -71,7 +71,13 @@ def test_sharded_forward_grads_and_steps_equal_unsharded(preset, model, extra):
             ),
         ]
     base = maas_jax.pipeline(*before)(prog)
-    sharded = maas_jax.pipeline(*before, passes.shard(mesh, preset=preset))(prog)
+    if before and model == "mlp" and preset in ("tp", "fsdp_tp"):
+        # fake_quant before shard hides the hidden units from the tensor-parallel analysis (the
+        # model declares no logical axes): the plan says so instead of replicating silently
+        with pytest.warns(ShardingWarning, match="found no tensor-parallel .* in 'f'"):
+            sharded = maas_jax.pipeline(*before, passes.shard(mesh, preset=preset))(prog)
+    else:
+        sharded = maas_jax.pipeline(*before, passes.shard(mesh, preset=preset))(prog)
     f = passes.sharded_jit(sharded)
     placed = passes.place(sharded, params)
     _close(f(placed, *inputs), jax.jit(base)(params, *inputs))
@@ -213,10 +219,11 @@ def test_plan_report_from_abstract_inputs():
     json.dumps(report)
     total = sum(np.asarray(v).nbytes for v in jax.tree.leaves(params))
     assert report["param_bytes_total"] == total
-    # by hand: kernels split over model (tp) and data (fsdp) -> /8; up/bias over model -> /4;
-    # down/bias (row-parallel layer's bias) only over data (fsdp) -> /2
-    kernels, up_bias, down_bias = (16 * 64 + 64 * 16) * 4 // 8, 64 * 4 // 4, 16 * 4 // 2
-    assert report["param_bytes_per_device"] == kernels + up_bias + down_bias
+    # by hand: kernels split over model (tp) and data (fsdp) -> /8; up/bias over model (tp) and
+    # data sharing its one dimension -> /8; down/bias (row-parallel layer's bias) over data and
+    # model sharing its dimension -> /8: every parameter is divided by the whole mesh
+    kernels, up_bias, down_bias = (16 * 64 + 64 * 16) * 4 // 8, 64 * 4 // 8, 16 * 4 // 8
+    assert report["param_bytes_per_device"] == kernels + up_bias + down_bias == 1064
     assert report["argument_bytes"] == report["param_bytes_per_device"] + x.nbytes // 2
     kinds = [c["kind"] for c in report["collectives"]]
     assert "all-reduce" in kinds and all(c["bytes"] > 0 for c in report["collectives"])
@@ -230,9 +237,12 @@ def test_train_step_with_fake_quant_prune_and_shard_in_one_compiled_step(preset)
     target = jnp.sin(x)
     prog = maas_jax.trace(fn, params, x)
     before = [passes.prune(sparsity=0.3), passes.fake_quant("int8", act="int8")]
-    sharded = maas_jax.pipeline(
-        *before, passes.shard(_mesh((2, 4), ("data", "model")), preset=preset)
-    )(prog)
+    pipe = maas_jax.pipeline(*before, passes.shard(_mesh((2, 4), ("data", "model")), preset=preset))
+    if preset == "fsdp_tp":  # fake_quant first: no tensor-parallel axis, the plan says so
+        with pytest.warns(ShardingWarning, match="found no tensor-parallel"):
+            sharded = pipe(prog)
+    else:
+        sharded = pipe(prog)
     base = maas_jax.pipeline(*before)(prog)
     tx = optax.sgd(1e-2, momentum=0.9)
 
@@ -291,7 +301,8 @@ def test_quantization_scales_stay_inside_shards():
     w8 = passes.fake_quant("int8")
     tp = passes.shard(mesh, preset="tp")
     after = maas_jax.pipeline(tp, w8)(prog)
-    before = maas_jax.pipeline(w8, tp)(prog)
+    with pytest.warns(ShardingWarning, match="fake_quant ran before shard: run shard first"):
+        before = maas_jax.pipeline(w8, tp)(prog)
     spec = after.meta["fake_quant"]["down/kernel"]
     assert spec.tile == (0, 64 // 8)  # the contracted, row-sharded axis, one tile per shard
     assert before.meta["fake_quant"]["down/kernel"].tile is None

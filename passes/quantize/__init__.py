@@ -6,7 +6,13 @@ The numerics (formats, scales, quantize/dequantize, int4 packing) live in
 
 from maas_jax.passes.quantize.calibration import CalibrationError, calibrate
 from maas_jax.passes.quantize.conversion import Convert, ConvertError, convert, convert_params
-from maas_jax.passes.quantize.fake_quant import FakeQuant, QuantRule, fake_quant
+from maas_jax.passes.quantize.fake_quant import (
+    DequantizedWeightWarning,
+    FakeQuant,
+    GranularityWarning,
+    QuantRule,
+    fake_quant,
+)
 from maas_jax.passes.quantize.recipes import RECIPES, QuantizedModel, quantize_model
 
 __all__ = [
@@ -18,6 +24,8 @@ __all__ = [
     "Convert",
     "ConvertError",
     "FakeQuant",
+    "GranularityWarning",
+    "DequantizedWeightWarning",
     "QuantRule",
     "convert",
     "convert_params",
