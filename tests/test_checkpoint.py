@@ -510,3 +510,34 @@ def test_checksums_group_leaves_by_devices() -> None:
     on_one = jax.device_put(x, SingleDeviceSharding(jax.devices()[3]))
     sums = checkpoint._checksums([("a", on_mesh), ("b", np.asarray(x)), ("c", on_one)])
     assert len(set(sums)) == 1
+
+
+@pytest.mark.slow
+def test_many_sharded_leaves_five_saves_then_reshard(tmp_path: Path) -> None:
+    """≥200 sharded leaves + Adam state saved 5 times in one process, then restored
+    bit-exactly onto a 4x2 mesh and onto one device."""
+    m = mesh((2, 4))
+    sharding = NamedSharding(m, P("data", "model"))
+    params = {
+        f"layer_{i:03d}": jax.device_put(jnp.full((8, 16), float(i), jnp.float32), sharding)
+        for i in range(220)
+    }
+    opt_state = optax.adam(1e-3).init(params)
+    for step in range(1, 6):
+        params = jax.tree.map(lambda x: x + 1.0, params)
+        checkpoint.save(tmp_path / "ckpt", step=step, params=params, opt_state=opt_state)
+    abstract = {
+        "target_params": jax.eval_shape(lambda: params),
+        "target_opt_state": jax.eval_shape(lambda: opt_state),
+    }
+    other = NamedSharding(mesh((4, 2)), P("data", "model"))
+    one = SingleDeviceSharding(jax.devices()[0])
+    for target in (other, one):
+        r = checkpoint.restore(
+            tmp_path / "ckpt", **abstract, shardings=jax.tree.map(lambda _, t=target: t, params)
+        )
+        assert r.step == 5
+        assert_trees_equal(r.params, params)
+        assert_trees_equal(r.opt_state, opt_state)
+        leaf = r.params["layer_007"]
+        assert leaf.sharding.is_equivalent_to(target, 2)
