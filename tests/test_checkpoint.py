@@ -481,16 +481,20 @@ def test_two_process_save_and_restore(tmp_path: Path) -> None:
     assert sorted(os.listdir(tmp_path / "ckpt")) == ["3"]
 
 
+def many_sharded_params(n: int) -> dict:
+    """``n`` distinct (8, 16) parameters sharded over both axes of a 2x4 mesh."""
+    sharding = NamedSharding(mesh((2, 4)), P("data", "model"))
+    return {
+        f"layer_{i:03d}": jax.device_put(jnp.full((8, 16), float(i), jnp.float32), sharding)
+        for i in range(n)
+    }
+
+
 def test_many_sharded_leaves_with_adam_state_save_and_verify(tmp_path: Path) -> None:
     """240 sharded parameters plus Adam state (720 sharded leaves) on a 2x4 mesh: save and
     ``restore(verify=True)`` finish, bit-exact. One checksum reduction dispatched per leaf, all
     at once, aborted the process here (XLA CPU all-reduce termination timeout)."""
-    m = mesh((2, 4))
-    sharding = NamedSharding(m, P("data", "model"))
-    params = {
-        f"layer_{i:03d}": jax.device_put(jnp.full((8, 16), float(i), jnp.float32), sharding)
-        for i in range(240)
-    }
+    params = many_sharded_params(240)
     opt_state = optax.adam(1e-3).init(params)
     checkpoint.save(tmp_path / "ckpt", step=1, params=params, opt_state=opt_state)
     r = checkpoint.restore(
@@ -516,12 +520,7 @@ def test_checksums_group_leaves_by_devices() -> None:
 def test_many_sharded_leaves_five_saves_then_reshard(tmp_path: Path) -> None:
     """≥200 sharded leaves + Adam state saved 5 times in one process, then restored
     bit-exactly onto a 4x2 mesh and onto one device."""
-    m = mesh((2, 4))
-    sharding = NamedSharding(m, P("data", "model"))
-    params = {
-        f"layer_{i:03d}": jax.device_put(jnp.full((8, 16), float(i), jnp.float32), sharding)
-        for i in range(220)
-    }
+    params = many_sharded_params(220)
     opt_state = optax.adam(1e-3).init(params)
     for step in range(1, 6):
         params = jax.tree.map(lambda x: x + 1.0, params)

@@ -27,15 +27,14 @@ def tied_lm():
     pytest.importorskip("penzai")
     import third_party_models as tpm
 
-    return tpm._penzai_lm(mlp_variant="swiglu", tie_embedder_and_logits=True)
+    fn, params, inputs = tpm._penzai_lm(mlp_variant="swiglu", tie_embedder_and_logits=True)
+    fq = passes.fake_quant("int8", act="int8")(maas_jax.trace(fn, params, *inputs))
+    return fn, params, inputs, fq, passes.convert()(fq)
 
 
 @pytest.mark.slow
 def test_eager_bit_exact_and_jit_within_float_rounding(tied_lm):
-    fn, params, inputs = tied_lm
-    prog = maas_jax.trace(fn, params, *inputs)
-    fq = passes.fake_quant("int8", act="int8")(prog)
-    int_prog = passes.convert()(fq)
+    fn, params, inputs, fq, int_prog = tied_lm
     stored = passes.convert_params(int_prog, fq, params)
     eager_fq, eager_int = fq(params, *inputs), int_prog(stored, *inputs)
     np.testing.assert_array_equal(np.asarray(eager_int), np.asarray(eager_fq))
@@ -51,10 +50,7 @@ def test_eager_bit_exact_and_jit_within_float_rounding(tied_lm):
 
 
 def test_stored_integers_are_those_the_jitted_fake_quant_program_computes(tied_lm):
-    fn, params, inputs = tied_lm
-    prog = maas_jax.trace(fn, params, *inputs)
-    fq = passes.fake_quant("int8", act="int8")(prog)
-    int_prog = passes.convert()(fq)
+    _, params, _, fq, int_prog = tied_lm
     eager = passes.convert_params(int_prog, fq, params)
     jitted = jax.jit(lambda p: passes.convert_params(int_prog, fq, p))(params)
     for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted), strict=True):
