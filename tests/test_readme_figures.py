@@ -1,0 +1,46 @@
+"""The figures the README quotes are the committed benchmark results (issue 9.13).
+
+Each check recomputes a quoted ratio from ``benchmarks/results/*.json`` and looks for it, as
+printed, in the README: re-running a benchmark without updating the README (or the reverse)
+fails here.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def _results(name: str) -> dict:
+    return json.loads((ROOT / "benchmarks" / "results" / name).read_text())
+
+
+def _quoted(text: str) -> None:
+    flat = " ".join(README.split())
+    assert text in flat, f"README does not quote {text!r} (from benchmarks/results)"
+
+
+def test_quantization_latency_ratios_are_the_committed_ones():
+    lat = _results("quant.json")["mlp"]["latency"]
+    fp32 = lat["fp32"]["median_ms"]
+    _quoted(f"converted w8a8 {lat['maas_jax w8a8']['median_ms'] / fp32:.2f}x the fp32 latency")
+    _quoted(f"qwix w8a8 {lat['qwix w8a8']['median_ms'] / fp32:.2f}x")
+    _quoted(
+        f"{lat['maas_jax w8a8']['median_ms']:.2f} vs {lat['qwix w8a8']['median_ms']:.2f} vs "
+        f"{fp32:.2f} ms"
+    )
+
+
+def test_embedding_table_figures_are_the_committed_ones():
+    tables = _results("any_model.json")["minilm_w8_tables"]["w8 + tables per row"]
+    _quoted(f"{tables['bytes_ratio']:.3f}x fp32 at cosine {tables['mean_cosine']:.5f}")
+
+
+@pytest.mark.parametrize("key", ["prune in-graph masks", "prune baked masks"])
+def test_mask_cost_figures_are_the_committed_ones(key):
+    t = _results("any_model.json")["prune_masks_512_1024_1024_512_b8"]["timings"][key]
+    ratio = t["vs_dense"]
+    _quoted(f"{ratio:.0f}x dense" if ratio > 100 else f"{ratio:.1f}x for the baked masks")
