@@ -258,7 +258,7 @@ def scan_prepare(x: Any) -> Any:
     if not is_lifted(x):
         return x
     prep = getattr(x, "__maas_scan_prepare__", None)
-    out = prep() if prep is not None else None
+    out = prep() if prep is not None and hasattr(x, "__maas_scan_slice__") else None
     return materialize(x) if out is None else out
 
 

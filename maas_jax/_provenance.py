@@ -63,6 +63,21 @@ class Use:
     opaque: bool = False
     shape: tuple[int, ...] = ()  # the operand as the equation sees it (after the views)
 
+    @property
+    def contracted_dims(self) -> tuple[int, ...] | None:
+        """The operand's dims this contraction sums over (as consumed), or None if not one.
+
+        dot_general: its contracting dims; a convolution: the features and the window
+        (``spec[1:]`` of the operand's layout, features first). Map them back to the
+        parameter with :func:`map_dims_to_param` / :func:`map_dims_to_param_axes`.
+        """
+        d = dict(self.dims)
+        if self.primitive == "dot_general" and "contracting" in d:
+            return tuple(d["contracting"][self.operand])
+        if self.primitive == "conv_general_dilated" and "rhs_spec" in d:
+            return tuple((d["rhs_spec"] if self.operand == 1 else d["lhs_spec"])[1:])
+        return None
+
     def describe(self) -> str:
         where = " > ".join(self.regions) if self.regions else "top level"
         names = [v for v, _ in self.views if v != "scan_slice"]

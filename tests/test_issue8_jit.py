@@ -49,9 +49,25 @@ def test_eager_bit_exact_and_jit_within_float_rounding(tied_lm):
     assert float(np.abs(float_jit - float_eager).max()) <= tol
 
 
-def test_stored_integers_are_those_the_jitted_fake_quant_program_computes(tied_lm):
+def test_stored_integers_equal_a_numpy_quantization_of_the_weights(tied_lm):
+    """What the converted program runs on, jitted or not, is the numpy int8 quantization of
+    each float weight: ``round_half_even(w / (max|w| / 127))`` over the spec's shared axes."""
     _, params, _, fq, int_prog = tied_lm
-    eager = passes.convert_params(int_prog, fq, params)
-    jitted = jax.jit(lambda p: passes.convert_params(int_prog, fq, p))(params)
-    for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted), strict=True):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    stored = jax.jit(lambda p: passes.convert_params(int_prog, fq, p))(params)
+    specs = fq.meta["fake_quant"]
+    assert specs
+    for path, spec in specs.items():
+        assert spec.tile is None and spec.symmetric
+        w = np.asarray(params[path], np.float32)
+        absmax = np.max(np.abs(w), axis=spec.reduce_axes, keepdims=True)
+        scale = np.where(
+            absmax / np.float32(127) >= np.finfo(np.float32).tiny,
+            absmax / np.float32(127),
+            np.float32(1),
+        )
+        want = np.clip(np.round(w / scale), -127, 127).astype(np.int8)
+        node = stored
+        for key in path.split("/"):
+            node = node[key]
+        np.testing.assert_array_equal(np.asarray(node["qvalue"]), want, err_msg=path)
+        np.testing.assert_allclose(np.asarray(node["scale"]), scale, rtol=0, atol=0)

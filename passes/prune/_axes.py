@@ -55,17 +55,17 @@ class WeightAxes:
 
 
 def _contracted_and_group(use: Any) -> tuple[tuple[int, ...], int] | None:
-    """Operand dims a contraction sums over, and its input-feature dim (None if unknown)."""
-    dims = dict(use.dims)
-    if use.primitive == "dot_general" and "contracting" in dims:
-        contracted = tuple(dims["contracting"][use.operand])
-        # Several contracted dims (an einsum over two feature axes): groups run along the
-        # innermost one, which is consecutive in memory, like the K axis of the GEMM.
-        return (contracted, max(contracted)) if contracted else None
-    if use.primitive == "conv_general_dilated" and "rhs_spec" in dims:
-        spec = dims["rhs_spec"] if use.operand == 1 else dims["lhs_spec"]
-        return tuple(spec[1:]), spec[1]  # input features and spatial axes; features group
-    return None
+    """Operand dims a contraction sums over, and its input-feature dim (None if unknown).
+
+    Several contracted dims of a dot (an einsum over two feature axes): groups run along the
+    innermost one, consecutive in memory like the K axis of a GEMM; a convolution's features
+    come first in its layout, before the window.
+    """
+    contracted = use.contracted_dims
+    if not contracted:
+        return None
+    group = contracted[0] if use.primitive == "conv_general_dilated" else max(contracted)
+    return contracted, group
 
 
 def weight_axes(info: Any) -> WeightAxes:

@@ -358,7 +358,7 @@ def _reduce_axes(info: ParamInfo, rule: QuantRule) -> tuple[tuple[int, ...], set
             seen |= axes
             exact &= ok
         if use.primitive in CONTRACTION_PRIMITIVES:
-            axes, ok = map_dims_to_param_axes(_contracted_dims(use), use.views)
+            axes, ok = map_dims_to_param_axes(use.contracted_dims or (), use.views)
             contract |= axes
             exact &= ok
         elif use.primitive == "gather" and use.operand == 0:
@@ -408,17 +408,6 @@ def _shard_tile(info: ParamInfo, reduce_axes: tuple[int, ...], sharding: Any) ->
         if n > 1 and info.shape[axis] % n == 0:
             return (axis, info.shape[axis] // n)
     return None
-
-
-def _contracted_dims(use: Any) -> tuple[int, ...]:
-    dims = dict(use.dims)
-    if use.primitive == "dot_general":
-        return tuple(dims["contracting"][use.operand])
-    rhs_spec = dims["rhs_spec"]
-    lhs_spec = dims["lhs_spec"]
-    if use.operand == 1:
-        return tuple(rhs_spec[1:])  # input features and spatial axes
-    return tuple(lhs_spec[1:])
 
 
 # ---- the per-equation rule --------------------------------------------------------------

@@ -512,17 +512,11 @@ def make_marker(spec: QuantSpec) -> Any:
     return jax.jit(_named(fn, MARKER))
 
 
-def apply_view(eqn: Any, value: QArray, operands: list[Any] = ()) -> QArray | None:  # type: ignore[assignment]
-    """A view equation applied to a QArray, or None when it must be dequantized first."""
-    return value.__maas_view__(eqn, list(operands))
-
-
 __all__ = [
     "MARKER",
     "QArray",
     "STE_IDENTITY_NAME",
     "STE_NAME",
-    "apply_view",
     "contraction_operands_axes",
     "float_contraction",
     "int_contraction",
