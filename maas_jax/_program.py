@@ -330,7 +330,10 @@ def trace(fn: Callable[..., Any], params: Any, *inputs: Any, name: str | None = 
     ]
     closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*structs)
     out_tree = jax.tree_util.tree_structure(out_shape)
-    return Program(closed, in_tree, out_tree, roles, name=fn_name)
+    # The inputs' parameter names (``input_ids`` ...), when the signature says: artifacts and the
+    # server name their tensors after them.
+    arg_names = tuple(_param_name(fn, i + 1) for i in range(len(inputs)))
+    return Program(closed, in_tree, out_tree, roles, name=fn_name, meta={"arg_names": arg_names})
 
 
 def trace_linen(

@@ -13,14 +13,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """One named input or output. ``shape[0] == -1`` is the batch dimension."""
-
-    name: str
-    dtype: str  # numpy dtype name: "float32", "int32", "int8", "bool", ...
-    shape: tuple[int, ...]
+from maas_jax._signature import TensorSpec
 
 
 class ServedModel(Protocol):
@@ -61,10 +54,7 @@ class CallableModel:
     def warmup(self) -> None:
         for b in self.batch_sizes:
             self.run(
-                {
-                    s.name: np.zeros((b, *s.shape[1:]), dtype=np.dtype(s.dtype))
-                    for s in self.inputs
-                }
+                {s.name: np.zeros((b, *s.shape[1:]), dtype=np.dtype(s.dtype)) for s in self.inputs}
             )
 
 

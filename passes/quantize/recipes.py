@@ -53,6 +53,7 @@ class QuantizedModel:
     float_bytes: int
     stored_bytes: int
     recipe: str = ""
+    tables: str | None = None  # the embedding tables' format ("int8", "int4") or None
 
     @property
     def bytes_ratio(self) -> float:
@@ -99,7 +100,7 @@ def quantize_model(
     calibration_data: Iterable[Any] | None = None,
     fold_batchnorm: bool = True,
     passes_before: tuple[Any, ...] = (),
-    tables: bool | None = None,
+    tables: bool | str | None = None,
 ) -> QuantizedModel:
     """Trace, (fold BatchNorm,) fake-quantize, (calibrate,) convert: one call.
 
@@ -116,7 +117,8 @@ def quantize_model(
       calibration_data: batches for static recipes (see :func:`calibrate`).
       fold_batchnorm: fold inference BatchNorm into the preceding conv/dense first.
       passes_before: more passes to run before quantizing (e.g. ``clip_weights``).
-      tables: quantize embedding tables (int8, per row). Default: for the int8-weight
+      tables: quantize embedding tables per row: ``True`` for int8, or a format name
+        (``"int4"``: packed, smallest, costs quality). Default: int8 for the int8-weight
         recipes when ``where`` is None.
     """
     if recipe not in RECIPES:
@@ -136,10 +138,12 @@ def quantize_model(
     rules = [QuantRule(where=where, **RECIPES[recipe])]
     if tables is None:
         tables = where is None and recipe in TABLE_RECIPES
+    table_format = None
     if tables and _has_tables(program):
         # Embedding tables are most of a small encoder's bytes: int8 per row, dequantized
         # only for the rows a lookup reads.
-        rules.append(QuantRule(where=lookup_table, weight="int8"))
+        table_format = tables if isinstance(tables, str) else "int8"
+        rules.append(QuantRule(where=lookup_table, weight=table_format))
     fq = maas_jax.pipeline(*before, fake_quant(rules=rules))(program)
     if RECIPES[recipe].get("act_mode") == "static":
         if calibration_data is None:
@@ -147,7 +151,9 @@ def quantize_model(
         fq = calibrate(fq, params, calibration_data)
     int_prog = convert()(fq)
     stored = convert_params(int_prog, fq, params)
-    return QuantizedModel(int_prog, stored, fq, _nbytes(params), _nbytes(stored), recipe)
+    return QuantizedModel(
+        int_prog, stored, fq, _nbytes(params), _nbytes(stored), recipe, table_format
+    )
 
 
 def _is_nnx(model: Any) -> bool:
