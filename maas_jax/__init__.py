@@ -26,6 +26,7 @@ from maas_jax._errors import (
     UnusedRuleWarning,
 )
 from maas_jax._interpreter import Rewrite, apply_marked, rewrite
+from maas_jax._optimize import optimize
 from maas_jax._pipeline import Pass, Pipeline, pipeline, verify
 from maas_jax._program import (
     InputRef,
@@ -99,6 +100,7 @@ __all__ = [
     "contraction_sites",
     "coverage",
     "coverage_report",
+    "optimize",
     "param_infos",
     "param_report",
     "pipeline",

@@ -12,6 +12,7 @@ import pytest
 
 import maas_jax
 from maas_jax import PassError, SelectionError, TraceError, UnusedRuleWarning, cli, passes
+from maas_jax.cli import tour
 
 
 def _f(p, x):
@@ -133,13 +134,13 @@ def test_unused_rule_warning_points_at_the_callers_line(prog, how):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["demo", "--sentences", "0"], r"argument --sentences: must be between 1 and 72.*got 0"),
-        (["demo", "--sentences", "ten"], r"argument --sentences: expected a whole number"),
+        (["tour", "--sentences", "0"], r"argument --sentences: must be between 1 and 72.*got 0"),
+        (["tour", "--sentences", "ten"], r"argument --sentences: expected a whole number"),
         (
-            ["demo", "--clip-quantile", "2"],
+            ["tour", "--clip-quantile", "2"],
             r"argument --clip-quantile: must be a quantile in \(0, 1\]",
         ),
-        (["demo", "--clip-quantile", "0"], r"argument --clip-quantile: .*got 0\.0"),
+        (["tour", "--clip-quantile", "0"], r"argument --clip-quantile: .*got 0\.0"),
         (["frobnicate"], r"invalid choice: 'frobnicate'"),
     ],
 )
@@ -155,7 +156,7 @@ def test_cli_rejects_bad_arguments_with_exit_code_2(capsys, argv, message):
 def test_cli_sentence_bound_is_the_bundled_sentence_count():
     from maas_jax.models.sentences import SENTENCES
 
-    assert cli._N_SENTENCES == len(SENTENCES)
+    assert tour._N_SENTENCES == len(SENTENCES)
 
 
 def test_cli_version_flag(capsys):
@@ -177,7 +178,7 @@ def test_pipeline_summary_is_one_short_line_per_pass():
     pipe = maas_jax.pipeline(
         passes.clip_weights(1.0), maas_jax.pipeline(passes.fake_quant("int8", act="int8"))
     )
-    lines = cli._pipeline_summary(pipe).splitlines()
+    lines = tour._pipeline_summary(pipe).splitlines()
     assert lines[0] == "pipeline of 2 passes:"
     assert lines[1].split() == ["1.", "clip_weights", "clip_weights(max_abs=1.0)"]
     assert lines[2].split()[:3] == ["2.", "fake_quant", "fake_quant(rules=(QuantRule(where=None,"]

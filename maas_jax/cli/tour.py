@@ -1,15 +1,13 @@
-"""The ``maas-jax`` command line (also ``python -m maas_jax``).
+"""``maas-jax tour``: the optimizer on the bundled all-MiniLM-L6-v2 model and a digits CNN.
 
-``maas-jax demo`` runs the end-to-end demo on the bundled all-MiniLM-L6-v2 model: load the
-weights into our Flax BERT, trace the sentence-embedding function, print the parameter /
-consumer / coverage reports, run pipelines and check their outputs. ``maas-jax version`` (or
-``--version``) prints the versions.
+Load the weights into our Flax BERT, trace the sentence-embedding function, print the
+parameter / consumer / coverage reports, run pipelines and check their outputs; then prune and
+quantize a small CNN trained on scikit-learn's digits.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -282,17 +280,11 @@ def _quantile(text: str) -> float:
     return q
 
 
-def _versions() -> str:
-    import maas_jax
-
-    return f"maas_jax {maas_jax.__version__}, jax {jax.__version__}"
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="maas-jax", description=__doc__.splitlines()[0])
-    parser.add_argument("--version", action="version", version=_versions())
-    sub = parser.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="end-to-end demo on the bundled all-MiniLM-L6-v2")
+def add_parser(sub: Any) -> None:
+    d = sub.add_parser(
+        "tour",
+        help="a tour of the optimizer on MiniLM and the digits CNN (reports, pipelines, checks)",
+    )
     d.add_argument(
         "--sentences",
         type=_sentence_count,
@@ -305,17 +297,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=0.9999,
         help="clip kernels at this quantile of |w|, in (0, 1] (default 0.9999)",
     )
-    sub.add_parser("version", help="print versions")
-    ns = parser.parse_args(argv)
-    if ns.command == "version":
-        print(_versions())
-        return 0
-    try:
-        return demo(ns.sentences, ns.clip_quantile)
-    except ModuleNotFoundError as e:
-        print(f"maas-jax demo: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    d.set_defaults(run=lambda ns: demo(ns.sentences, ns.clip_quantile))
