@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import statistics
@@ -124,7 +125,21 @@ def minilm_section(n: int) -> dict:
         emb = np.asarray(jax.jit(int_prog)(stored, *args))
         out[f"maas_jax {label}"] = float(np.mean(np.sum(emb * ref, -1)))
         if qb.available():
-            out[f"qwix {label}"] = qb.qwix_minilm_cosine(wq, aq, num_sentences=n)
+            # like for like: qwix on the dense layers only, the contractions we quantize
+            cos, counts = qb.qwix_minilm_cosine(
+                wq, aq, num_sentences=n, module_path=qb.MINILM_DENSE_ONLY, return_counts=True
+            )
+            out[f"qwix {label} (dense layers)"] = cos
+            ints = {
+                "maas_jax": qb.count_integer_dots(functools.partial(int_prog, stored), *args),
+                "qwix": counts,
+            }
+            out[f"integer dots / all dots, {label}"] = {k: list(v) for k, v in ints.items()}
+            if aq is not None:
+                # qwix's default also quantizes the 12 attention einsums (48 of 48)
+                out[f"qwix {label} (all contractions)"] = qb.qwix_minilm_cosine(
+                    wq, aq, num_sentences=n
+                )
     return {"sentences": n, "mean_cosine_to_fp32": out}
 
 

@@ -48,6 +48,8 @@ __all__ = [
     "make_mlp",
     "param_bytes",
     "qwix_conv_report",
+    "MINILM_DENSE_ONLY",
+    "count_integer_dots",
     "qwix_minilm_cosine",
     "qwix_ptq",
     "time_fn",
@@ -275,11 +277,44 @@ def time_to_first_result(make_and_run: Callable[[], Any]) -> float:
 # --------------------------------------------------------------------------------------
 
 
+#: qwix module paths of MiniLM's dense layers only (Q, K, V, attention output, FFN in/out):
+#: the 36 contractions maas_jax quantizes. The default ``".*"`` also matches the attention
+#: modules, whose score and context einsums (activation x activation) qwix then quantizes.
+MINILM_DENSE_ONLY = r".*/(query|key|value|output|intermediate)$"
+
+
+def count_integer_dots(fn: Callable[..., Any], *args: Any) -> tuple[int, int]:
+    """``(integer dot_generals, all dot_generals)`` in ``jax.make_jaxpr(fn)(*args)``,
+    sub-jaxprs (jit, scan, custom_jvp, ...) included: counted independently of either
+    library's own report."""
+    from jax.extend import core as jcore
+
+    def walk(jaxpr: Any) -> tuple[int, int]:
+        n_int = n_all = 0
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                n_all += 1
+                if all(jnp.issubdtype(v.aval.dtype, jnp.integer) for v in eqn.invars):
+                    n_int += 1
+            for v in eqn.params.values():
+                for sub in v if isinstance(v, tuple | list) else (v,):
+                    inner = getattr(sub, "jaxpr", sub)
+                    if isinstance(inner, jcore.Jaxpr):
+                        a, b = walk(inner)
+                        n_int, n_all = n_int + a, n_all + b
+        return n_int, n_all
+
+    return walk(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
 def qwix_minilm_cosine(
     weight_qtype: str = "int8",
     act_qtype: str | None = "int8",
     num_sentences: int = 64,
-) -> float:
+    module_path: str = ".*",
+    *,
+    return_counts: bool = False,
+) -> Any:
     """Mean cosine between qwix-quantized and float all-MiniLM-L6-v2 sentence embeddings.
 
     The Linen ``BertEncoder`` is quantized with every Dense (``module_path=".*"``) under
@@ -310,11 +345,14 @@ def qwix_minilm_cosine(
         weight_qtype=weight_qtype,
         act_qtype=act_qtype,
         method="embed_sentences",
+        module_path=module_path,
     )
     quantized = np.asarray(jax.jit(apply_fn)(qvariables, *args))
     cos = np.sum(reference * quantized, axis=-1) / (
         np.linalg.norm(reference, axis=-1) * np.linalg.norm(quantized, axis=-1)
     )
+    if return_counts:
+        return float(np.mean(cos)), count_integer_dots(apply_fn, qvariables, *args)
     return float(np.mean(cos))
 
 

