@@ -12,7 +12,7 @@ ordinary JAX callable that jits, differentiates, vmaps and shards.
 [1.0, 1.0]
 """
 
-from maas_jax import checkpoint, distributed  # noqa: E402  (submodules of the public API)
+from maas_jax import checkpoint, distributed, recipe  # noqa: E402  (public submodules)
 from maas_jax._analysis import Collective, collectives, compiled_report
 from maas_jax._errors import (
     MaasError,
@@ -66,6 +66,7 @@ def __getattr__(name: str):
 __all__ = [
     "MeshSpec",
     "checkpoint",
+    "recipe",
     "distributed",
     "Collective",
     "collectives",

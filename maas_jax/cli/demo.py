@@ -81,7 +81,9 @@ def server(artifact: Path, key: str, *extra: str) -> Iterator[tuple[str, int]]:
         except subprocess.TimeoutExpired:
             proc.kill()
             rc = proc.wait()
-        print(f"server stopped (exit code {rc})")
+        # uvicorn drains, then re-raises the signal it caught: -SIGTERM is a clean stop here.
+        how = "drained and stopped on SIGTERM" if rc == -signal.SIGTERM else f"exit code {rc}"
+        print(f"server {how}")
 
 
 def run(ns: argparse.Namespace) -> int:

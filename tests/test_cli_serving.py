@@ -1,0 +1,154 @@
+"""The serving path of the command line: optimize (recipe file -> artifact) and inspect."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import maas_jax
+from maas_jax import cli, export, passes
+
+recipe = pytest.importorskip("maas_jax.recipe", reason="recipe files not built yet")
+
+MODEL_FILE = textwrap.dedent(
+    """
+    import jax, jax.numpy as jnp
+
+    def fn(params, x):
+        return jax.nn.relu(x @ params["w1"]) @ params["w2"]
+
+    def model():
+        k1, k2 = jax.random.split(jax.random.key(0))
+        params = {"w1": jax.random.normal(k1, (16, 32)) / 4,
+                  "w2": jax.random.normal(k2, (32, 4)) / 6}
+        return fn, params, (jnp.ones((1, 16)),)
+    """
+)
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    path = tmp_path / "tiny_model.py"
+    path.write_text(MODEL_FILE)
+    pipe = maas_jax.pipeline(passes.fake_quant("int8", act="int8"), passes.convert())
+    rpath = tmp_path / "w8a8.toml"
+    recipe.dump(pipe, rpath)
+    return path, rpath, pipe
+
+
+def test_optimize_writes_an_artifact_equal_to_the_in_process_recipe(tiny, tmp_path, capsys):
+    path, rpath, pipe = tiny
+    out = tmp_path / "art"
+    argv = ["optimize", "--recipe", str(rpath), "--model", f"{path}:model", "--out", str(out)]
+    assert cli.main([*argv, "--batch-sizes", "1,4"]) == 0
+    printed = capsys.readouterr().out
+    assert "wrote" in printed and "2 on integers" in printed, printed
+    # the same recipe run in process, independently of the CLI
+    k1, k2 = jax.random.split(jax.random.key(0))
+    params = {"w1": jax.random.normal(k1, (16, 32)) / 4, "w2": jax.random.normal(k2, (32, 4)) / 6}
+
+    def fn(p, x):
+        return jax.nn.relu(x @ p["w1"]) @ p["w2"]
+
+    prog = maas_jax.trace(fn, params, jnp.ones((1, 16)), name="model")
+    int8, stored = maas_jax.optimize(prog, params, pipe)
+    x = np.random.default_rng(0).normal(size=(4, 16)).astype(np.float32)
+    got = np.asarray(export.load(out)(x))
+    np.testing.assert_array_equal(
+        got, np.asarray(export.reference_fn(int8)(jax.tree.leaves(stored), x)[0])
+    )
+    ref = np.asarray(fn(params, x))
+    assert np.abs(got - ref).max() < 0.05 * np.abs(ref).max()  # int8 error, measured ~0.01
+    m = export.read_manifest(out)
+    assert m["recipe"] == recipe.to_dict(pipe)
+    assert m["sizes"]["reference_bytes"] == (16 * 32 + 32 * 4) * 4
+
+    assert cli.main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "x                        FP32   [-1, 16]" in text
+    assert "batch buckets: [1, 4]" in text and "int8" in text and "files verified" in text
+    assert cli.main(["inspect", "--json", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out)["batch_sizes"] == [1, 4]
+
+
+def test_inspect_refuses_a_tampered_artifact(tiny, tmp_path, capsys):
+    path, rpath, _ = tiny
+    out = tmp_path / "art"
+    cli.main(["optimize", "--recipe", str(rpath), "--model", f"{path}:model", "--out", str(out)])
+    capsys.readouterr()
+    w = out / "weights.safetensors"
+    data = bytearray(w.read_bytes())
+    data[-1] ^= 0xFF
+    w.write_bytes(bytes(data))
+    assert cli.main(["inspect", str(out)]) == 2
+    assert "does not match its sha256" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--batch-sizes", "0,4"], r"argument --batch-sizes: batch sizes must be positive"),
+        (["--batch-sizes", "a"], r"argument --batch-sizes: expected sizes like 1,8,32"),
+    ],
+)
+def test_optimize_argument_errors(tiny, tmp_path, capsys, extra, message):
+    path, rpath, _ = tiny
+    with pytest.raises(SystemExit) as e:
+        cli.main(
+            [
+                "optimize",
+                "--recipe",
+                str(rpath),
+                "--model",
+                f"{path}:model",
+                "--out",
+                str(tmp_path / "o"),
+                *extra,
+            ]
+        )
+    assert e.value.code == 2
+    import re
+
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_optimize_names_a_bad_model_spec_and_recipe(tiny, tmp_path, capsys):
+    path, rpath, _ = tiny
+    with pytest.raises(
+        SystemExit, match=r"not a bundled model \(minilm\) and not 'module:function'"
+    ):
+        cli.main(
+            ["optimize", "--recipe", str(rpath), "--model", "nosuch", "--out", str(tmp_path / "o")]
+        )
+    with pytest.raises(SystemExit, match=r"has no function 'nope'"):
+        cli.main(
+            [
+                "optimize",
+                "--recipe",
+                str(rpath),
+                "--model",
+                f"{path}:nope",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+    assert (
+        cli.main(
+            [
+                "optimize",
+                "--recipe",
+                str(tmp_path / "missing.toml"),
+                "--model",
+                f"{path}:model",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
+    assert "missing.toml" in capsys.readouterr().out
