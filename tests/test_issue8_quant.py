@@ -176,7 +176,8 @@ def test_shard_then_fake_quant_scan_transformer(preset):
     got = np.asarray(passes.sharded_jit(w8a8)(passes.place(w8a8, m.params), *m.inputs))
     ref = np.asarray(m.fn(m.params, *m.inputs))
     assert np.all(np.isfinite(got))
-    assert np.abs(got - ref).max() / np.abs(ref).max() < 0.1
+    # measured 0.0140 (fsdp) and 0.0175 (tp)
+    assert np.abs(got - ref).max() / np.abs(ref).max() < 0.03
 
 
 # ---- 4. w8a8 inside shard_map ----------------------------------------------------------------

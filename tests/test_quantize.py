@@ -200,18 +200,38 @@ def test_convert_before_fake_quant_is_an_error():
         passes.convert()(maas_jax.trace(f, params, x))
 
 
+# Bounds on the relative error vs float: 1.5-2x the value measured (jax 0.10, CPU).
 @pytest.mark.parametrize(
-    "rule",
+    "rule, bound",
     [
-        QuantRule(weight="fp8_e4m3", act="fp8_e4m3"),
-        QuantRule(weight="int8", act="int8", symmetric=False, act_symmetric=False),
-        QuantRule(weight="int4", act="int8", tile_size=8),
-        QuantRule(weight="int8", act="int8", granularity="per_tensor"),
-        QuantRule(weight="int3"),
+        pytest.param(
+            QuantRule(weight="fp8_e4m3", act="fp8_e4m3"),
+            0.12,  # measured 0.0705
+            id="fp8",
+        ),
+        pytest.param(
+            QuantRule(weight="int8", act="int8", symmetric=False, act_symmetric=False),
+            0.02,  # measured 0.0101
+            id="asymmetric",
+        ),
+        pytest.param(
+            QuantRule(weight="int4", act="int8", tile_size=8),
+            0.25,  # measured 0.132
+            id="w4a8-tiles",
+        ),
+        pytest.param(
+            QuantRule(weight="int8", act="int8", granularity="per_tensor"),
+            0.03,  # measured 0.0154
+            id="per-tensor",
+        ),
+        pytest.param(
+            QuantRule(weight="int3"),
+            0.6,  # measured 0.403: 7 levels per channel are coarse (the old 0.5 was 1.24x)
+            id="int3",
+        ),
     ],
-    ids=["fp8", "asymmetric", "w4a8-tiles", "per-tensor", "int3"],
 )
-def test_formats_and_granularities_convert_exactly(rule):
+def test_formats_and_granularities_convert_exactly(rule, bound):
     f, params, x = _dense_net()
     prog = maas_jax.trace(f, params, x)
     fq = passes.fake_quant(rules=[rule])(prog)
@@ -219,7 +239,6 @@ def test_formats_and_granularities_convert_exactly(rule):
     stored = passes.convert_params(int_prog, fq, params)
     np.testing.assert_array_equal(int_prog(stored, x), fq(params, x))
     rel = float(jnp.linalg.norm(fq(params, x) - f(params, x)) / jnp.linalg.norm(f(params, x)))
-    bound = 0.5 if rule.weight == "int3" else 0.2  # 7 levels per channel are coarse
     assert rel < bound, rel  # quantized, but still the same function
 
 
@@ -228,8 +247,8 @@ def test_conv_weight_only_and_w4a8_work():
     prog = maas_jax.trace(m.fn, m.params, *m.inputs)
     # The zoo's kernels carry deliberate 10x outliers, which int4 per-channel scales pay for.
     for rule, bound in (
-        (QuantRule(weight="int8"), 0.05),
-        (QuantRule(weight="int4", act="int8"), 0.6),
+        (QuantRule(weight="int8"), 0.02),  # measured 0.00982
+        (QuantRule(weight="int4", act="int8"), 0.7),  # measured 0.470 (old bound 0.6: 1.28x)
     ):
         fq = passes.fake_quant(rules=[rule])(prog)
         out, ref = fq(m.params, *m.inputs), m.fn(m.params, *m.inputs)

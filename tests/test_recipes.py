@@ -32,7 +32,10 @@ def test_recipes_produce_integer_programs_close_to_float(recipe):
     q = passes.quantize_model(fn, params, x, recipe=recipe, fold_batchnorm=False)
     ref = fn(params, x)
     rel = float(jnp.linalg.norm(q(x) - ref) / jnp.linalg.norm(ref))
-    assert rel < (0.25 if "4" in recipe else 0.08), rel
+    # Relative error vs float, measured: w8 0.00683, w4 0.126, w8a8 0.00844, w4a8 0.126,
+    # fp8 0.0444; the bounds are 1.6-1.8x those.
+    bound = {"w8": 0.012, "w4": 0.2, "w8a8": 0.015, "w4a8": 0.2, "fp8": 0.07}[recipe]
+    assert rel < bound, rel
     np.testing.assert_array_equal(q(x), q.fake_quant_program(params, x))
     # Hand count: 32x64 + 64x8 weights at 1 byte (int4: half a byte, packed) plus one float32
     # scale per output channel (64 + 8).
@@ -124,4 +127,4 @@ def test_quantized_model_jits_has_a_short_repr_and_takes_nnx_modules():
     assert qn.params["l1"]["kernel"]["qvalue"].dtype == jnp.int8
     ref = np.asarray(net(xs))
     got = np.asarray(qn(xs))
-    assert np.abs(got - ref).max() < 0.05 * np.abs(ref).max()
+    assert np.abs(got - ref).max() < 0.01 * np.abs(ref).max()  # measured 0.00537
