@@ -251,6 +251,19 @@ def _versions() -> dict[str, str]:
     }
 
 
+def _recipe_json(recipe: Any) -> Any:
+    """A pipeline or pass as its recipe dict (the form recipe files and artifacts use)."""
+    if recipe is None or isinstance(recipe, dict | list | str | int | float | bool):
+        return recipe
+    from maas_jax import recipe as recipes
+    from maas_jax._errors import MaasError
+
+    try:
+        return recipes.to_dict(recipe)
+    except MaasError as e:
+        raise CheckpointError(f"recipe: {e}") from e
+
+
 def _check_json(name: str, value: Any) -> None:
     try:
         json.dumps(value)
@@ -360,7 +373,10 @@ class Checkpointer:
             params: the parameter pytree (jax or numpy arrays, any sharding).
             opt_state: the optimizer state pytree (e.g. an optax state), or ``None``.
             pass_state: the pass state pytree (masks, scales, statistics), or ``None``.
-            recipe: a JSON-serialisable list/dict describing the pass pipeline, or ``None``.
+            recipe: the pass pipeline: a :class:`maas_jax.Pipeline` or pass (stored as its
+                recipe dict, :func:`maas_jax.recipe.to_dict`; rebuild it with
+                ``recipe.from_dict(restored.recipe)``), a JSON-serialisable list/dict, or
+                ``None``.
             metadata: a JSON-serialisable dict stored with the step, or ``None``.
 
         Raises:
@@ -372,6 +388,7 @@ class Checkpointer:
         step = int(step)
         if params is None:
             raise CheckpointError("params is required")
+        recipe = _recipe_json(recipe)
         _check_json("recipe", recipe)
         _check_json("metadata", metadata)
         if metadata is not None and not isinstance(metadata, dict):
@@ -493,7 +510,8 @@ def save(
         params: the parameter pytree.
         opt_state: the optimizer state pytree, or ``None``.
         pass_state: the pass state pytree (masks, scales, ...), or ``None``.
-        recipe: a JSON-serialisable description of the pass pipeline, or ``None``.
+        recipe: the pass pipeline (a :class:`maas_jax.Pipeline`, stored as its recipe dict) or
+            a JSON-serialisable description of it, or ``None``.
         metadata: a JSON-serialisable dict, or ``None``.
         wait: block until the step is on disk; with ``False`` the files are written in the
             background and the caller must call ``wait_until_finished()`` on the result.

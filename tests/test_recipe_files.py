@@ -278,3 +278,15 @@ def test_what_a_recipe_cannot_hold_is_refused_by_name(tmp_path):
     with pytest.raises(RecipeError):
         recipe.dump(passes.clip_weights(1.0, where=lambda path, info: True), path)
     assert not path.exists() and not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_a_checkpoint_records_the_pipeline_as_its_recipe(tmp_path):
+    from maas_jax import checkpoint
+
+    pipe = maas_jax.pipeline(passes.prune("nm", n=2, m=4), passes.fake_quant("int4"))
+    checkpoint.save(tmp_path, 3, params={"w": jnp.ones((4, 4))}, recipe=pipe)
+    restored = checkpoint.restore(tmp_path, target_params={"w": jnp.zeros((4, 4))})
+    assert restored.recipe == recipe.to_dict(pipe)
+    assert recipe.from_dict(restored.recipe) == pipe
+    with pytest.raises(checkpoint.CheckpointError, match=r"recipe: pass\[0\] .*not one of"):
+        checkpoint.save(tmp_path, 4, params={"w": jnp.ones(2)}, recipe=lambda program: program)
