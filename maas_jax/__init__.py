@@ -56,10 +56,10 @@ __version__ = "0.1.0"
 def __getattr__(name: str):
     # ``import maas_jax`` then ``maas_jax.passes``: the pass library imports the core, so it
     # is loaded on first access rather than here (that would be a circular import).
-    if name == "passes":
+    if name in ("passes", "extend", "runtime"):  # extend/runtime: public submodules, on demand
         import importlib
 
-        return importlib.import_module("maas_jax.passes")
+        return importlib.import_module(f"maas_jax.{name}")
     raise AttributeError(f"module 'maas_jax' has no attribute {name!r}")
 
 

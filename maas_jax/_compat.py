@@ -122,10 +122,12 @@ def eqn_context(eqn: jcore.JaxprEqn, name_stack: Any) -> contextlib.AbstractCont
 
 
 def current_name_stack() -> Any:
+    """The name stack jax is tracing under now (prefix it to a re-bound equation's own)."""
     return source_info_util.current_name_stack()
 
 
 def eqn_name_stack(eqn: jcore.JaxprEqn) -> Any:
+    """``eqn``'s own name stack, relative to the jaxpr it sits in (a jax ``NameStack``)."""
     return eqn.source_info.name_stack
 
 
@@ -145,6 +147,7 @@ def jit_jaxpr(eqn: jcore.JaxprEqn) -> jcore.ClosedJaxpr:
 
 
 def jit_name(eqn: jcore.JaxprEqn) -> str:
+    """The function name of a ``jit`` equation (``"maas_fake_quant"`` for a marker), or ""."""
     return str(eqn.params.get("name", ""))
 
 
@@ -198,6 +201,7 @@ def custom_call_body(eqn: jcore.JaxprEqn) -> jcore.ClosedJaxpr:
 
 
 def custom_call_name(eqn: jcore.JaxprEqn) -> str:
+    """The user function name of a custom_jvp / custom_vjp equation (for messages)."""
     p = eqn.params
     if "name" in p:
         return str(p["name"])

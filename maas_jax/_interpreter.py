@@ -7,7 +7,8 @@ context, so names and source lines survive into HLO), letting a pass
 * transform chosen parameters once, at their entry into the program (``entry=``), wrapped in a
   named marker region (``jit`` named ``maas_<pass>``) so later passes still see the parameter;
 * replace individual equations (``rule=``), anywhere: the engine re-emits jit, scan, while,
-  cond, remat and shard_map regions around rewritten bodies (see ``_regions.py``);
+  cond, remat and shard_map regions around rewritten bodies (see ``_regions.py``: the
+  handlers receive this interpreter as an argument and never import this module);
 * drop dead equations (``drop_dead=True``).
 
 ``jax.make_jaxpr`` of that function is the new Program's jaxpr. When nothing inside a region
@@ -34,6 +35,18 @@ from maas_jax._errors import (
 from maas_jax._liveness import live_equations, readers, used_operands
 from maas_jax._program import ParamRef, Program
 from maas_jax._provenance import Site, Tag
+from maas_jax._regions import HANDLERS
+
+# The value-object helpers live in ``_values`` (shared with the region handlers); they stay
+# importable from here.
+from maas_jax._values import (  # noqa: F401
+    is_lifted,
+    lifted_view,
+    materialize,
+    scan_prepare,
+    scan_slice,
+    shapes_changed,
+)
 
 # A rule receives the site (equation, operand tags, name stack, regions) and the operand values;
 # it returns the output values, or None to leave the equation as it is.
@@ -227,46 +240,6 @@ def apply_marked(transform: Callable[[Any], Any], x: Any, marker: str) -> Any:
     return marked_fn(transform, marker)(x)
 
 
-def is_lifted(x: Any) -> bool:
-    """Whether ``x`` is a pass's value object (e.g. a quantized array) rather than an array.
-
-    Passes may put such objects into the interpreter's environment (an entry transform returns
-    one, a rule passes it on). They implement ``__maas_materialize__()``, which the engine calls
-    wherever an equation it does not hand to the pass's rule needs a plain array.
-    """
-    return hasattr(x, "__maas_materialize__")
-
-
-def materialize(x: Any) -> Any:
-    return x.__maas_materialize__() if is_lifted(x) else x
-
-
-def lifted_view(eqn: jcore.JaxprEqn, invals: list[Any]) -> Any:
-    """A view op applied to a value object (``__maas_view__``), or None to materialize it.
-
-    A value object that passes through reshape / slice / squeeze / transpose / gather keeps
-    being itself, with the spec of the result: a quantized weight stays quantized.
-    """
-    if any(is_lifted(v) for v in invals[1:]):
-        return None
-    view = getattr(invals[0], "__maas_view__", None)
-    return None if view is None else view(eqn, list(invals[1:]))
-
-
-def scan_prepare(x: Any) -> Any:
-    """A value object about to be sliced by scan (``xs``): leaves at full length, or plain."""
-    if not is_lifted(x):
-        return x
-    prep = getattr(x, "__maas_scan_prepare__", None)
-    out = prep() if prep is not None and hasattr(x, "__maas_scan_slice__") else None
-    return materialize(x) if out is None else out
-
-
-def scan_slice(x: Any) -> Any:
-    """One iteration's slice of a value object: its spec loses the leading (layer) axis."""
-    return x.__maas_scan_slice__() if is_lifted(x) else x
-
-
 class Interpreter:
     """Evaluates jaxprs under a :class:`Rewrite`, equation by equation."""
 
@@ -379,8 +352,6 @@ class Interpreter:
         return [read(v) for v in jaxpr.outvars]
 
     def _eval_eqn(self, site: Site, invals: list[Any]) -> list[Any]:
-        from maas_jax import _regions  # the handlers call back into this interpreter
-
         eqn = site.eqn
         spec = self.spec
         if spec.rule is not None and eqn.primitive.name in spec.rule_primitives:
@@ -398,7 +369,7 @@ class Interpreter:
             and not _provenance.is_marker(eqn)
             and (reshaped or self._recurse_into(eqn))
         ):
-            return _regions.HANDLERS[kind](self, site, invals)
+            return HANDLERS[kind](self, site, invals)
         if reshaped and eqn.primitive.name in _SHAPE_PARAM_RULES:
             return _SHAPE_PARAM_RULES[eqn.primitive.name](eqn, invals)
         if kind is None and _compat.sub_jaxprs(eqn) and self._touches(eqn):
@@ -462,15 +433,6 @@ class Interpreter:
             OpaqueRegionWarning,
             stacklevel=2,
         )
-
-
-def shapes_changed(eqn: jcore.JaxprEqn, invals: list[Any]) -> bool:
-    """Whether an operand's shape differs from the shape recorded in the equation."""
-    for v, x in zip(eqn.invars, invals, strict=True):
-        shape = getattr(x, "shape", None)
-        if shape is not None and tuple(shape) != tuple(v.aval.shape):
-            return True
-    return False
 
 
 def _changed_axes(old: tuple[int, ...], new: tuple[int, ...]) -> list[int]:

@@ -109,6 +109,8 @@ class Site:
 
 
 def join_name_stack(prefix: str, eqn: jcore.JaxprEqn) -> str:
+    """The full name stack of ``eqn``: the enclosing ``prefix`` joined with its own (relative)
+    name stack, ``"encoder/layer_0" + "dense"`` -> ``"encoder/layer_0/dense"``."""
     own = str(_compat.eqn_name_stack(eqn))
     if prefix and own:
         return f"{prefix}/{own}"
@@ -116,6 +118,8 @@ def join_name_stack(prefix: str, eqn: jcore.JaxprEqn) -> str:
 
 
 def is_marker(eqn: jcore.JaxprEqn) -> bool:
+    """Whether ``eqn`` is a pass's marker region: a ``jit`` named ``maas_<pass>`` around a
+    parameter transform (see :func:`maas_jax.apply_marked`)."""
     return _compat.hop_kind(eqn) == "jit" and _compat.jit_name(eqn).startswith(MARKER_PREFIX)
 
 
@@ -335,6 +339,8 @@ def eqn_out_tags(
 
 
 def initial_tags(program: Program) -> list[Tag | None]:
+    """One tag per jaxpr input of ``program``: ``Tag(path)`` for parameters, None otherwise
+    (the starting point of :func:`walk`)."""
     return [Tag(r.path) if isinstance(r, ParamRef) else None for r in program.roles]
 
 

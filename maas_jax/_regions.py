@@ -7,31 +7,61 @@ public API (``lax.scan``, ``lax.while_loop``, ``lax.switch``, ``jax.checkpoint``
 special: when the rewritten body keeps the signature we substitute it into the original
 equation, which keeps its shardings, donation and inline settings.
 
+The interpreter passes itself to each handler (see :class:`RegionInterpreter`); this module
+imports only the value-object helpers (``_values``), never the interpreter.
+
 Name stacks inside sub-jaxprs are relative to the enclosing equation; the interpreter
 concatenates them for reporting (``Site.name_stack``) while binding with the relative one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import jax
 from jax import lax
 
 from maas_jax import _compat, _provenance
 from maas_jax._errors import MaasError
-from maas_jax._interpreter import (
-    is_lifted,
-    materialize,
-    scan_prepare,
-    scan_slice,
-    shapes_changed,
-)
 from maas_jax._provenance import Site
+from maas_jax._values import is_lifted, materialize, scan_prepare, scan_slice, shapes_changed
 
 
-def _body_fn(interp: Any, region: _provenance.Region, site: Site) -> Callable[..., list[Any]]:
+class RegionInterpreter(Protocol):
+    """What a handler needs of the interpreter that calls it (``_interpreter.Interpreter``).
+
+    The interpreter passes itself to the handler, so this module never imports it: the
+    dependency runs one way (``_interpreter`` -> ``_regions`` -> ``_values``).
+    """
+
+    spec: Any  # the Rewrite: pass_name, rule, side_outputs, reshape, inline_custom
+
+    def eval(
+        self,
+        jaxpr: Any,
+        consts: Sequence[Any],
+        args: Sequence[Any],
+        in_tags: Sequence[Any] | None = None,
+        *,
+        name_stack: str = "",
+        regions: tuple[str, ...] = (),
+    ) -> list[Any]: ...
+
+    def operand_mask(self, eqn: Any) -> list[bool]: ...
+
+    def region_keys(self, eqn: Any) -> tuple[Any, ...]: ...
+
+    def collect(self, keys: tuple[Any, ...], fn: Callable[[], Any]) -> tuple[Any, tuple]: ...
+
+    def emit_all(self, keys: tuple[Any, ...], values: Any) -> None: ...
+
+    def warn_opaque(self, site: Site) -> None: ...
+
+
+def _body_fn(
+    interp: RegionInterpreter, region: _provenance.Region, site: Site
+) -> Callable[..., list[Any]]:
     closed = region.jaxpr
 
     def body(*args: Any) -> list[Any]:
@@ -62,7 +92,7 @@ def _used_only(
     return wrapped, used
 
 
-def _jit(interp: Any, site: Site, invals: list[Any]) -> list[Any]:
+def _jit(interp: RegionInterpreter, site: Site, invals: list[Any]) -> list[Any]:
     eqn = site.eqn
     (region,) = _provenance.regions(eqn, site.in_tags)
     body = _body_fn(interp, region, site)
@@ -99,12 +129,12 @@ def _named(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
     return wrapper
 
 
-def _call(interp: Any, site: Site, invals: list[Any]) -> list[Any]:
+def _call(interp: RegionInterpreter, site: Site, invals: list[Any]) -> list[Any]:
     (region,) = _provenance.regions(site.eqn, site.in_tags)
     return _body_fn(interp, region, site)(*invals)
 
 
-def _scan(interp: Any, site: Site, invals: list[Any]) -> list[Any]:
+def _scan(interp: RegionInterpreter, site: Site, invals: list[Any]) -> list[Any]:
     eqn = site.eqn
     n_consts, n_carry = _compat.scan_layout(eqn)
     (region,) = _provenance.regions(eqn, site.in_tags)
@@ -136,7 +166,7 @@ def _scan(interp: Any, site: Site, invals: list[Any]) -> list[Any]:
     return [*carry, *ys]
 
 
-def _while(interp: Any, site: Site, invals: list[Any]) -> list[Any]:
+def _while(interp: RegionInterpreter, site: Site, invals: list[Any]) -> list[Any]:
     eqn = site.eqn
     _, n_cond, _, n_body = _compat.while_parts(eqn)
     cond_region, body_region = _provenance.regions(eqn, site.in_tags)
@@ -162,7 +192,7 @@ def _while(interp: Any, site: Site, invals: list[Any]) -> list[Any]:
     return list(out)
 
 
-def _cond(interp: Any, site: Site, invals: list[Any]) -> list[Any]:
+def _cond(interp: RegionInterpreter, site: Site, invals: list[Any]) -> list[Any]:
     branches = [_body_fn(interp, r, site) for r in _provenance.regions(site.eqn, site.in_tags)]
     index, *ops = invals
     mask = interp.operand_mask(site.eqn)[1:]
@@ -179,7 +209,7 @@ def _cond(interp: Any, site: Site, invals: list[Any]) -> list[Any]:
     return list(outs)
 
 
-def _remat(interp: Any, site: Site, invals: list[Any]) -> list[Any]:
+def _remat(interp: RegionInterpreter, site: Site, invals: list[Any]) -> list[Any]:
     (region,) = _provenance.regions(site.eqn, site.in_tags)
     body = _body_fn(interp, region, site)
     keys = interp.region_keys(site.eqn)
@@ -194,7 +224,7 @@ def _remat(interp: Any, site: Site, invals: list[Any]) -> list[Any]:
     return list(outs)
 
 
-def _custom(interp: Any, site: Site, invals: list[Any]) -> list[Any]:
+def _custom(interp: RegionInterpreter, site: Site, invals: list[Any]) -> list[Any]:
     """custom_jvp / custom_vjp: opaque unless the rewrite asks to inline them.
 
     Rewriting only the primal body is wrong: under ``jax.grad`` jax differentiates with the
@@ -210,7 +240,7 @@ def _custom(interp: Any, site: Site, invals: list[Any]) -> list[Any]:
     return _compat.bind_eqn(site.eqn, [materialize(v) for v in invals])
 
 
-def _shard_map(interp: Any, site: Site, invals: list[Any]) -> list[Any]:
+def _shard_map(interp: RegionInterpreter, site: Site, invals: list[Any]) -> list[Any]:
     (region,) = _provenance.regions(site.eqn, site.in_tags)
     body = _body_fn(interp, region, site)
     opts = _compat.shard_map_options(site.eqn)
@@ -246,7 +276,7 @@ def _shard_map(interp: Any, site: Site, invals: list[Any]) -> list[Any]:
     return list(fn(*vals))
 
 
-HANDLERS: dict[str, Callable[[Any, Site, list[Any]], list[Any]]] = {
+HANDLERS: dict[str, Callable[[RegionInterpreter, Site, list[Any]], list[Any]]] = {
     "jit": _jit,
     "call": _call,
     "scan": _scan,

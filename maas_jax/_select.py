@@ -178,6 +178,7 @@ def predicate(where: Selector, *, what: str = "where") -> Predicate:
 
 
 def param_infos(program: Program) -> list[ParamInfo]:
+    """A :class:`ParamInfo` (path, role, uses) for every parameter, in the program's order."""
     table = consumers(program)
     return [ParamInfo(r.path, r, table[r.path]) for r in program.params]
 

@@ -6,7 +6,7 @@ import re
 from typing import Any
 
 from maas_jax import PassError, Path, Program, Selection, UnsupportedPrimitiveError, select
-from maas_jax._compat import is_floating
+from maas_jax.extend import is_floating
 
 
 def select_weights(

@@ -13,10 +13,14 @@ import dataclasses
 from jax.extend import core as jcore
 
 from maas_jax import PassRecord, Program, Rewrite, rewrite
-from maas_jax._compat import hop_kind, sub_jaxprs
-from maas_jax._liveness import live_equations, used_operands
-from maas_jax._program import require_program
-from maas_jax._provenance import is_marker
+from maas_jax.extend import (
+    is_marker,
+    live_equations,
+    region_kind,
+    require_program,
+    sub_jaxprs,
+    used_operands,
+)
 
 _OPAQUE_KINDS = (None, "custom_jvp", "custom_vjp")
 
@@ -26,7 +30,7 @@ def count_dead(jaxpr: jcore.Jaxpr) -> int:
     live = live_equations(jaxpr)
     n = live.count(False)
     for eqn, alive in zip(jaxpr.eqns, live, strict=True):
-        if alive and hop_kind(eqn) not in _OPAQUE_KINDS and not is_marker(eqn):
+        if alive and region_kind(eqn) not in _OPAQUE_KINDS and not is_marker(eqn):
             n += used_operands(eqn).count(False)  # region inputs nothing inside reads
             n += sum(count_dead(j) for j in sub_jaxprs(eqn))
     return n

@@ -90,12 +90,25 @@ from maas_jax import (
     Program,
     Rewrite,
     StateRef,
-    _compat,
-    _provenance,
     apply_marked,
 )
-from maas_jax._interpreter import Interpreter, materialize
-from maas_jax._liveness import readers
+from maas_jax.extend import (
+    Interpreter,
+    Site,
+    Tag,
+    aval_struct,
+    bind_eqn,
+    current_name_stack,
+    eqn_context,
+    eqn_name_stack,
+    initial_tags,
+    is_floating,
+    jit_name,
+    materialize,
+    readers,
+    region_kind,
+    walk,
+)
 
 MARKER = "maas_fold_batchnorm"
 
@@ -130,7 +143,7 @@ class Chain:
 
     def describe(self) -> str:
         ops = " ".join(s.op for s in self.steps)
-        ns = str(_compat.eqn_name_stack(self.eqn)) or "<root>"
+        ns = str(eqn_name_stack(self.eqn)) or "<root>"
         return f"{self.kernel_path}: {self.eqn.primitive.name} at {ns} + [{ops}]"
 
 
@@ -195,13 +208,13 @@ def find_chains(program: Program) -> list[Chain]:
     kind = _kinds(program)
     uses = readers(jaxpr)
     outputs = {v for v in jaxpr.outvars if not isinstance(v, jcore.Literal)}
-    tags: dict[int, tuple[_provenance.Tag | None, ...]] = {}
+    tags: dict[int, tuple[Tag | None, ...]] = {}
 
-    def visit(site: _provenance.Site) -> None:
+    def visit(site: Site) -> None:
         if not site.regions and site.primitive in ("dot_general", "conv_general_dilated"):
             tags[id(site.eqn)] = site.in_tags
 
-    _provenance.walk(jaxpr, _provenance.initial_tags(program), visit)
+    walk(jaxpr, initial_tags(program), visit)
 
     chains = []
     for eqn in jaxpr.eqns:
@@ -213,7 +226,7 @@ def find_chains(program: Program) -> list[Chain]:
             continue
         kernel_axis, out_axis = axes
         y = eqn.outvars[0]
-        if not _compat.is_floating(y.aval.dtype):
+        if not is_floating(y.aval.dtype):
             continue
         out_shape = tuple(y.aval.shape)
         steps: list[Step] = []
@@ -294,7 +307,7 @@ class _Slice:
     def start(self, consts: Sequence[Any], args: Sequence[Any]) -> None:
         self.env = dict(zip(self.jaxpr.constvars, consts, strict=True))
         self.env.update(zip(self.jaxpr.invars, args, strict=True))
-        self.base_ns = _compat.current_name_stack()
+        self.base_ns = current_name_stack()
 
     def value(self, v: Any) -> Any:
         if isinstance(v, jcore.Literal):
@@ -310,9 +323,9 @@ class _Slice:
         return [self.env[v] for v in eqn.outvars]
 
     def _bind(self, eqn: jcore.JaxprEqn, invals: list[Any]) -> None:
-        ns = self.base_ns + _compat.eqn_name_stack(eqn)
-        with _compat.eqn_context(eqn, ns):
-            outs = _compat.bind_eqn(eqn, [materialize(x) for x in invals])
+        ns = self.base_ns + eqn_name_stack(eqn)
+        with eqn_context(eqn, ns):
+            outs = bind_eqn(eqn, [materialize(x) for x in invals])
         self.env.update(zip(eqn.outvars, outs, strict=True))
 
 
@@ -381,9 +394,9 @@ def precomputed_name(paths: Sequence[str]) -> str:
 
 def precomputed_paths(eqn: jcore.JaxprEqn) -> tuple[str, ...] | None:
     """The stored paths of a precomputed ``jit`` equation, or None if ``eqn`` is not one."""
-    if _compat.hop_kind(eqn) != "jit":
+    if region_kind(eqn) != "jit":
         return None
-    name = _compat.jit_name(eqn)
+    name = jit_name(eqn)
     if not name.startswith(PRECOMPUTED + "["):
         return None
     paths = json.loads(name[len(PRECOMPUTED) :])
@@ -443,13 +456,13 @@ def _folded_program(program: Program, chains: list[Chain], into: str) -> jcore.C
     def operands(chain: Chain) -> list[Any]:
         return [sl.value(s.other) for s in chain.steps]
 
-    def at_contraction(chain: Chain, site: _provenance.Site, invals: list[Any]) -> list[Any]:
+    def at_contraction(chain: Chain, site: Site, invals: list[Any]) -> list[Any]:
         lhs, kernel = (materialize(x) for x in invals)
         with jax.named_scope(MARKER):
             m = _combine_scale(chain, operands(chain), site.eqn.outvars[0].aval.dtype)
         if m is not None:
             kernel = apply_marked(_scale_kernel(chain.kernel_axis), (kernel, m), MARKER)
-        return _compat.bind_eqn(site.eqn, [lhs, kernel])
+        return bind_eqn(site.eqn, [lhs, kernel])
 
     def at_last_step(chain: Chain, invals: list[Any]) -> list[Any]:
         y = materialize(invals[chain.steps[-1].operand])
@@ -481,7 +494,7 @@ def _folded_program(program: Program, chains: list[Chain], into: str) -> jcore.C
                 y = y + a.reshape(shape)
         return [y]
 
-    def rule(site: _provenance.Site, invals: list[Any]) -> list[Any] | None:
+    def rule(site: Site, invals: list[Any]) -> list[Any] | None:
         key = id(site.eqn)
         if key in by_contraction:
             return at_contraction(by_contraction[key], site, invals)
@@ -501,14 +514,14 @@ def _folded_program(program: Program, chains: list[Chain], into: str) -> jcore.C
         wants=lambda eqn: id(eqn) in targets,
     )
     interp = Interpreter(spec)
-    tags = _provenance.initial_tags(program)
+    tags = initial_tags(program)
 
     def run(*flat: Any) -> list[Any]:
         sl.start(closed.consts, flat)
         outs = interp.eval(closed.jaxpr, closed.consts, list(flat), tags)
         return [materialize(v) for v in outs]
 
-    structs = [_compat.aval_struct(v.aval) for v in closed.jaxpr.invars]
+    structs = [aval_struct(v.aval) for v in closed.jaxpr.invars]
     return jax.make_jaxpr(run)(*structs)
 
 

@@ -29,9 +29,12 @@ Where jax would silently replicate (an axis that does not divide the dimension) 
 so loudly: explicit specs raise, logical and preset fallbacks warn (:class:`ShardingWarning`,
 one per plan, naming each parameter, its shape, the axis and its size); so do rules that match
 nothing (:class:`UnusedShardingRuleWarning`). The pass stores the plan in
-``program.meta["sharding"]``; :func:`sharded_jit` compiles with those in/out shardings, and
-activation rules insert ``with_sharding_constraint`` at matching equations (inside scan bodies
-too).
+``program.meta["sharding"]`` (a :class:`maas_jax.runtime.ShardingPlan`); activation rules
+insert ``with_sharding_constraint`` at matching equations (inside scan bodies too).
+
+Running the program with its plan is not a pass: :func:`maas_jax.runtime.sharded_jit`,
+``place``, ``sharded_init``, ``make_train_step`` and the compiled ``plan_report`` live in
+:mod:`maas_jax.runtime` and are re-exported here and from ``maas_jax.passes``.
 """
 
 from __future__ import annotations
@@ -48,7 +51,6 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from maas_jax import (
-    MaasError,
     ParamRef,
     PassRecord,
     Program,
@@ -56,8 +58,23 @@ from maas_jax import (
     UnusedRuleWarning,
     rewrite,
 )
-from maas_jax._compat import bind_eqn
-from maas_jax._select import param_infos
+from maas_jax.extend import bind_eqn, param_infos
+
+# What runs a program under its plan, and the plan type itself, live in the core
+# (``maas_jax.runtime``); they stay importable from here.
+from maas_jax.runtime import (
+    ShardingError,
+    ShardingPlan,
+    format_bytes,
+    format_report,
+    in_shardings,
+    make_train_step,
+    place,
+    plan_report,
+    sharded_init,
+    sharded_jit,
+    state_shardings,
+)
 
 DEFAULT_LOGICAL_RULES: tuple[tuple[str, str | None], ...] = (
     ("batch", "data"),
@@ -72,10 +89,6 @@ DEFAULT_LOGICAL_RULES: tuple[tuple[str, str | None], ...] = (
 PRESETS = ("dp", "fsdp", "tp", "fsdp_tp")
 
 
-class ShardingError(MaasError, ValueError):
-    """A sharding rule or plan is invalid (unknown axis, axis used twice, indivisible dim)."""
-
-
 class ShardingWarning(UserWarning):
     """A plan splits less than asked: no candidate mesh axis divides a dimension, or a preset
     found nothing to split the way it promises (no tensor-parallel dimension)."""
@@ -83,37 +96,6 @@ class ShardingWarning(UserWarning):
 
 class UnusedShardingRuleWarning(ShardingWarning, UnusedRuleWarning):
     """A ``rules=`` or ``activations=`` entry of :func:`shard` matched nothing."""
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class ShardingPlan:
-    mesh: Any
-    param_specs: dict[str, P]
-    input_specs: dict[str, P]
-    notes: tuple[str, ...]
-
-    def sharding(self, spec: P) -> NamedSharding:
-        return NamedSharding(self.mesh, spec)
-
-    def replicated_fraction(self, program: Program) -> float:
-        total = rep = 0
-        for r in program.params:
-            n = int(np.prod(r.shape, dtype=np.int64)) * r.dtype.itemsize
-            total += n
-            if all(a is None for a in self.param_specs.get(r.path, P())):
-                rep += n
-        return rep / max(total, 1)
-
-    def bytes_per_device(self, program: Program) -> int:
-        sizes = dict(zip(self.mesh.axis_names, self.mesh.devices.shape, strict=True))
-        out = 0
-        for r in program.params:
-            n = int(np.prod(r.shape, dtype=np.int64)) * r.dtype.itemsize
-            for entry in self.param_specs.get(r.path, P()):
-                for axis in (entry,) if isinstance(entry, str) else (entry or ()):
-                    n //= sizes[axis]
-            out += n
-        return out
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -610,221 +592,6 @@ def _tp_axes(program: Program, reasons: list[str] | None = None) -> dict[str, in
         producer_axes = [a for a, g in entries if g == path]
         out[path] = producer_axes[0] if producer_axes else entries[0][0]
     return out
-
-
-# ---- compiling with the plan --------------------------------------------------------------
-
-
-def _plan_of(program: Program) -> ShardingPlan:
-    plan = program.meta.get("sharding")
-    if plan is None:
-        raise ShardingError(
-            f"{program.name!r} has no sharding plan: run maas_jax.passes.shard(mesh, ...) first"
-        )
-    return plan
-
-
-def in_shardings(program: Program) -> tuple[Any, ...]:
-    """Per-argument shardings ``(params_tree, *inputs)`` for ``jax.jit``."""
-    plan = _plan_of(program)
-    leaves = [
-        plan.sharding(plan.param_specs.get(r.path, P()))
-        if isinstance(r, ParamRef)
-        else plan.sharding(plan.input_specs.get(r.path, P()))
-        for r in program.roles
-    ]
-    params, inputs = jax.tree.unflatten(program.in_tree, leaves)
-    return (params, *inputs)
-
-
-def _named(program: Program) -> Any:
-    """``program`` as a function named after it, so that XLA op names read ``jit(<name>)/...``
-    (a Program object has no ``__name__``: jax would write ``jit(<unnamed function>)``)."""
-
-    def call(params: Any, *inputs: Any) -> Any:
-        return program(params, *inputs)
-
-    name = re.sub(r"[^\w.<>-]", "_", program.name) or "program"
-    call.__name__ = call.__qualname__ = name
-    return call
-
-
-def sharded_jit(program: Program, *, donate_params: bool = False) -> Any:
-    """``jax.jit(program)`` with the plan's in/out shardings (and optional donation); op names
-    in the compiled program read ``jit(<program.name>)/...``."""
-    shardings = in_shardings(program)
-    return jax.jit(
-        _named(program),
-        in_shardings=shardings,
-        donate_argnums=(0,) if donate_params else (),
-    )
-
-
-def plan_report(program: Program, params: Any, *inputs: Any) -> dict[str, Any]:
-    """The plan, compiled: per-device parameter bytes (static and from XLA), FLOPs, collectives.
-
-    ``params``/``inputs`` may be ``jax.ShapeDtypeStruct``s: nothing is run, only compiled.
-    Returns a JSON-able dict; ``format_report`` renders it as text.
-    """
-    import json
-
-    from maas_jax._analysis import compiled_report
-
-    plan = _plan_of(program)
-    shardings = in_shardings(program)
-    args = (params, *inputs)
-    structs = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s), args, shardings
-    )
-    compiled = jax.jit(_named(program), in_shardings=shardings).trace(*structs).lower().compile()
-    report = compiled_report(compiled)
-    for c in report["collectives"]:
-        c["replica_groups"] = _name_mesh_axes(c["replica_groups"], plan.mesh)
-    total = sum(int(np.prod(r.shape, dtype=np.int64)) * r.dtype.itemsize for r in program.params)
-    report.update(
-        {
-            "mesh": dict(zip(plan.mesh.axis_names, map(int, plan.mesh.devices.shape), strict=True)),
-            "param_bytes_total": total,
-            "param_bytes_per_device": plan.bytes_per_device(program),
-            "replicated_param_fraction": plan.replicated_fraction(program),
-            "param_specs": {k: str(v) for k, v in plan.param_specs.items()},
-            "notes": list(plan.notes),
-        }
-    )
-    json.dumps(report)  # must stay JSON-able
-    return report
-
-
-def _name_mesh_axes(groups: str, mesh: Any) -> str:
-    """XLA prints iota replica groups over ``mesh['axis_0'=2,'axis_1'=4]``: the mesh's axes in
-    order, unnamed. Put the mesh's own names back (only when the sizes match)."""
-    m = re.search(r"mesh\[([^\]]*)\]", groups)
-    if m is None:
-        return groups
-    found = re.findall(r"'axis_(\d+)'=(\d+)", m.group(1))
-    sizes = [int(s) for s in mesh.devices.shape]
-    if not found or [(int(i), int(n)) for i, n in found] != list(enumerate(sizes)):
-        return groups
-    return re.sub(
-        r"'axis_(\d+)'",
-        lambda a: repr(str(mesh.axis_names[int(a.group(1))])),
-        groups,
-    )
-
-
-def format_bytes(n: float) -> str:
-    """``n`` bytes in the unit that keeps it readable: B, KiB, MiB or GiB.
-
-    >>> format_bytes(64), format_bytes(1536), format_bytes(3 * 2**20), format_bytes(2**31)
-    ('64 B', '1.5 KiB', '3.0 MiB', '2.0 GiB')
-    """
-    n = float(n)
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{int(n)} B"
-
-
-def _format_flops(f: float) -> str:
-    for unit, scale in (("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6), ("kFLOP", 1e3)):
-        if f >= scale:
-            return f"{f / scale:.2f} {unit}"
-    return f"{f:.0f} FLOP"
-
-
-def format_report(report: dict[str, Any], *, max_collectives: int = 12) -> str:
-    """``plan_report`` as text: sizes in B/KiB/MiB/GiB, mesh axes and op names as named."""
-    b = format_bytes
-    lines = [
-        f"mesh {report['mesh']}",
-        f"parameters: {b(report['param_bytes_total'])} total, "
-        f"{b(report['param_bytes_per_device'])} per device, "
-        f"{100 * report['replicated_param_fraction']:.1f}% of bytes replicated",
-        f"compiled, per device: arguments {b(report['argument_bytes'])}, temporaries "
-        f"{b(report['temp_bytes'])}, {_format_flops(report['flops'])}",
-        f"{len(report['collectives'])} collectives, {b(report['collective_bytes'])}:",
-    ]
-    for c in report["collectives"][:max_collectives]:
-        lines.append(
-            f"  {c['kind']:<18} {b(c['bytes']):>10}  groups {c['replica_groups'][:48]:<48}"
-            f"  {c['op_name'][-60:]}"
-        )
-    if len(report["collectives"]) > max_collectives:
-        lines.append(f"  ... {len(report['collectives']) - max_collectives} more")
-    lines += [f"note: {n}" for n in report["notes"][:10]]
-    return "\n".join(lines)
-
-
-def state_shardings(program: Program, state: Any) -> Any:
-    """Shardings for optimizer state that follow the parameters (optax ``mu``/``nu``, ...).
-
-    A state leaf whose path ends with a parameter's path and has its shape gets that
-    parameter's sharding (suffix matching, as MaxText's anchored rules do); scalars and
-    anything else (step counts) are replicated.
-    """
-    plan = _plan_of(program)
-    by_path = {r.path: (r.shape, plan.param_specs.get(r.path, P())) for r in program.params}
-    from maas_jax._paths import flatten_leaves
-
-    out = []
-    for leaf in flatten_leaves(state):
-        spec = P()
-        for path, (shape, pspec) in by_path.items():
-            if (leaf.path == path or leaf.path.endswith("/" + path)) and tuple(
-                np.shape(leaf.value)
-            ) == tuple(shape):
-                spec = pspec
-                break
-        out.append(plan.sharding(spec))
-    return jax.tree.unflatten(jax.tree.structure(state), out)
-
-
-def make_train_step(program: Program, tx: Any, loss: Any, *, donate: bool = True) -> Any:
-    """One compiled training step of ``program`` (after its passes) under its sharding plan.
-
-    ``loss(outputs, *inputs) -> scalar``. The step is
-    ``(params, opt_state, *inputs) -> (params, opt_state, loss)``, compiled as one program with
-    parameters, optimizer state (following its parameters) and batches sharded as planned and
-    the old parameters/state donated. Fake-quant (STE) and pruning passes in ``program`` train
-    as they are: their transforms act on the weights at their entry, the optimizer updates the
-    float weights.
-    """
-    import optax
-
-    shardings = in_shardings(program)
-    p_sh, in_sh = shardings[0], shardings[1:]
-    abstract = jax.tree.map(
-        lambda r: jax.ShapeDtypeStruct(r.shape, r.dtype),
-        jax.tree.unflatten(
-            jax.tree.structure(p_sh), [r for r in program.roles if isinstance(r, ParamRef)]
-        ),
-    )
-    o_sh = state_shardings(program, jax.eval_shape(tx.init, abstract))
-
-    def step(params: Any, opt_state: Any, *inputs: Any) -> Any:
-        value, grads = jax.value_and_grad(lambda p: loss(program(p, *inputs), *inputs))(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, value
-
-    step.__name__ = step.__qualname__ = f"{_named(program).__name__}_train_step"
-    return jax.jit(
-        step,
-        in_shardings=(p_sh, o_sh, *in_sh),
-        out_shardings=(p_sh, o_sh, None),
-        donate_argnums=(0, 1) if donate else (),
-    )
-
-
-def sharded_init(program: Program, init_fn: Any, *args: Any) -> Any:
-    """Run ``init_fn(*args)`` (e.g. ``lambda k: model.init(k, x)``) straight into the plan's
-    shardings: the initialiser is compiled with those out-shardings, so each device creates only
-    its own shards and the full parameters never exist on one device."""
-    return jax.jit(init_fn, out_shardings=in_shardings(program)[0])(*args)
-
-
-def place(program: Program, params: Any) -> Any:
-    """Put ``params`` on the mesh with the plan's shardings (device_put per leaf)."""
-    return jax.device_put(params, in_shardings(program)[0])
 
 
 __all__ = [

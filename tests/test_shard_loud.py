@@ -13,12 +13,12 @@ from maas_jax.passes.shard import (
     ShardingError,
     ShardingWarning,
     UnusedShardingRuleWarning,
-    _name_mesh_axes,
     format_bytes,
 )
 
 import maas_jax
 from maas_jax import UnusedRuleWarning, passes
+from maas_jax._analysis import _name_mesh_axes  # the plan report's helper, in the core
 
 
 def _mesh(shape, names):

@@ -5,7 +5,7 @@ shape alone cannot tell it: a scan-stacked ``(L, in, out)`` kernel, a ``(out, in
 as ``h @ w.T`` and a ``(L, out, in)`` stack used as ``w[l] @ h`` all look alike. The consumer
 table (:func:`maas_jax.consumers`) records, for every contraction that reads a parameter, the
 dimension numbers in the coordinates of the operand as consumed (after scan slicing and view
-ops), and :func:`maas_jax._provenance.map_dims_to_param` maps them back to the parameter's own
+ops), and :func:`maas_jax.extend.map_dims_to_param` maps them back to the parameter's own
 axes. This is the same derivation ``fake_quant`` uses for per-channel scales.
 """
 
@@ -14,8 +14,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from maas_jax._compat import CONTRACTION_PRIMITIVES
-from maas_jax._provenance import map_dims_to_param
+from maas_jax.extend import CONTRACTION_PRIMITIVES, map_dims_to_param
 
 
 @dataclasses.dataclass(frozen=True)

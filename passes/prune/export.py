@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maas_jax._paths import flatten_leaves
+from maas_jax.extend import flatten_leaves
 
 __all__ = [
     "CompressedFileError",

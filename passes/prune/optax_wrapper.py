@@ -48,8 +48,7 @@ from maas_jax.passes.prune.pass_ import _is_candidate
 from maas_jax.passes.prune.schedules import constant, should_update
 
 from maas_jax import Path
-from maas_jax._paths import flatten_leaves
-from maas_jax._select import param_infos
+from maas_jax.extend import flatten_leaves, param_infos
 
 __all__ = ["SparsifyState", "current_sparsity", "masks_of", "sparsify"]
 

@@ -53,10 +53,16 @@ from maas_jax.passes.prune import masks as mk
 from maas_jax.passes.prune._axes import weight_axes
 
 from maas_jax import ParamRef, PassRecord, Program, Rewrite, UnusedRuleWarning, rewrite
-from maas_jax._compat import CONTRACTION_PRIMITIVES, is_floating
-from maas_jax._interpreter import SideOutput, emit, rewrite_with_side_outputs
-from maas_jax._paths import flatten_leaves
-from maas_jax._select import param_infos
+from maas_jax.extend import (
+    CONTRACTION_PRIMITIVES,
+    SideOutput,
+    contraction_sites,
+    emit,
+    flatten_leaves,
+    is_floating,
+    param_infos,
+    rewrite_with_side_outputs,
+)
 
 METHODS = ("magnitude", "random", "nm", "block", "masks")
 
@@ -532,8 +538,6 @@ def input_norms(
     gradient has the weight's dtype, so a bfloat16 weight gets bfloat16-rounded statistics.
     """
     paths = set(paths)
-    from maas_jax._provenance import contraction_sites
-
     emitters = {
         id(s.eqn)
         for s in contraction_sites(program)
@@ -630,8 +634,6 @@ def activation_norms(
         return None
 
     # Which contraction emits which weight's statistics, so they leave scan/cond/jit bodies.
-    from maas_jax._provenance import contraction_sites
-
     key_of: dict[int, str] = {}
     for s in contraction_sites(program):
         for t in s.in_tags[:2]:

@@ -30,10 +30,20 @@ import numpy as np
 from jax.extend import core as jcore
 from maas_jax.passes._weights import select_weights
 
-from maas_jax import MaasError, ParamRef, PassRecord, Program, Rewrite, _compat
-from maas_jax._interpreter import Interpreter
-from maas_jax._paths import flatten_leaves
-from maas_jax._provenance import Site, initial_tags, map_dims_to_param
+from maas_jax import MaasError, ParamRef, PassRecord, Program, Rewrite
+from maas_jax.extend import (
+    CONTRACTION_PRIMITIVES,
+    Interpreter,
+    Site,
+    flatten_leaves,
+    initial_tags,
+    join_name_stack,
+    map_dims_to_param,
+    output_tags,
+    region_kind,
+    regions,
+    sub_jaxprs,
+)
 
 ELEMENTWISE = frozenset(
     {
@@ -86,7 +96,7 @@ class ChannelPlan:
 
 def _producer_axis(info: Any) -> int | None:
     """The output-channel axis of a kernel consumed once by a dot (rhs) or a convolution."""
-    contractions = [u for u in info.uses if u.primitive in _compat.CONTRACTION_PRIMITIVES]
+    contractions = [u for u in info.uses if u.primitive in CONTRACTION_PRIMITIVES]
     if len(contractions) != 1 or contractions[0].operand != 1 or contractions[0].sliced:
         return None
     use = contractions[0]
@@ -188,8 +198,6 @@ def _follow_jaxpr(
     jaxpr: Any, in_tags: Any, in_state: dict, producers: dict, add_slice: Any, ns: str
 ) -> list:
     """Follow channel states through one jaxpr level (recursing into jit/remat bodies)."""
-    from maas_jax._provenance import eqn_out_tags, join_name_stack, regions
-
     tags: dict[Any, Any] = dict(zip(jaxpr.invars, in_tags, strict=True))
     state: dict[Any, tuple[str, int]] = {v: st for v, st in in_state.items() if st is not None}
     made_by: dict[Any, Site] = {}
@@ -251,7 +259,7 @@ def _follow_jaxpr(
             for i, v in enumerate(eqn.invars)
             if not isinstance(v, jcore.Literal) and v in state
         ]
-        kind = _compat.hop_kind(eqn)
+        kind = region_kind(eqn)
         if chan and kind in ("jit", "call", "remat") and not _body_is_elementwise(eqn):
             (region,) = regions(eqn, in_t)
             sub_state = {
@@ -269,14 +277,14 @@ def _follow_jaxpr(
             _consume(site, chan, state, backward, add_slice)
         tag = in_t[1] if len(in_t) > 1 else None
         if (
-            eqn.primitive.name in _compat.CONTRACTION_PRIMITIVES
+            eqn.primitive.name in CONTRACTION_PRIMITIVES
             and tag is not None
             and tag.path in producers
         ):
             state[eqn.outvars[0]] = (tag.path, _output_channel_axis(eqn))
             add_slice(tag.path, producers[tag.path], tag.path)
         for v, t in zip(
-            eqn.outvars, eqn_out_tags(eqn, in_t, None, site.name_stack, ()), strict=True
+            eqn.outvars, output_tags(eqn, in_t, None, site.name_stack, ()), strict=True
         ):
             tags[v] = t
             made_by[v] = site
@@ -298,9 +306,9 @@ def _reshape_axis(out_shape: tuple[int, ...], in_shape: tuple[int, ...], axis: i
 
 
 def _body_is_elementwise(eqn: Any) -> bool:
-    for sub in _compat.sub_jaxprs(eqn):
+    for sub in sub_jaxprs(eqn):
         for e in sub.eqns:
-            kind = _compat.hop_kind(e)
+            kind = region_kind(e)
             if kind in _PASS_THROUGH_HOPS:
                 if not _body_is_elementwise(e):
                     return False
@@ -315,7 +323,7 @@ def _consume(site: Site, chan: list, state: dict, backward: Any, add_slice: Any)
     producer, axis = chan[0][1]
     if len(groups) > 1:
         raise _FlowError(producer, f"`{name}` at {site.source} mixes two channel groups")
-    kind = _compat.hop_kind(eqn)
+    kind = region_kind(eqn)
     if name in ELEMENTWISE or (kind in _PASS_THROUGH_HOPS and _body_is_elementwise(eqn)):
         for _i, v in enumerate(eqn.invars):
             if isinstance(v, jcore.Literal) or v in state or v.aval.ndim == 0:

@@ -23,6 +23,7 @@ from maas_jax.passes.quantize.fake_quant import HIST_BINS, FakeQuant
 from maas_jax.passes.quantize.numerics import check_finite, get_format
 
 from maas_jax import MaasError, Program
+from maas_jax.extend import contraction_sites
 
 
 class CalibrationError(MaasError, ValueError):
@@ -138,8 +139,6 @@ def _check_weights(program: Program, base: Program, params: Any, batch: Any) -> 
 
 def _rules_by_site(fq: FakeQuant, base: Program, sites: list[int]) -> dict[int, Any]:
     from maas_jax.passes.quantize.fake_quant import plan_quantization
-
-    from maas_jax._provenance import contraction_sites
 
     plan = plan_quantization(base, fq.rules, config=repr(fq), warn=False)
     all_sites = contraction_sites(base)

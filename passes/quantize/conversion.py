@@ -37,10 +37,17 @@ from maas_jax.passes.quantize import qarray as qa
 from maas_jax.passes.quantize.numerics import check_finite, pack_int4, unpack_int4
 
 from maas_jax import MaasError, ParamRef, PassRecord, Program, Rewrite, rewrite
-from maas_jax._compat import custom_call_name, hop_kind, jit_name, source_line
-from maas_jax._liveness import live_equations
-from maas_jax._paths import flatten_leaves
-from maas_jax._provenance import Site, initial_tags, walk
+from maas_jax.extend import (
+    Site,
+    custom_call_name,
+    flatten_leaves,
+    initial_tags,
+    jit_name,
+    live_equations,
+    region_kind,
+    source_line,
+    walk,
+)
 
 
 class ConvertError(MaasError, ValueError):
@@ -113,7 +120,7 @@ def convert(*, pack: bool = True) -> Convert:
 
 
 def _is_ste(eqn: Any) -> bool:
-    return hop_kind(eqn) == "custom_jvp" and custom_call_name(eqn) in (
+    return region_kind(eqn) == "custom_jvp" and custom_call_name(eqn) in (
         qa.STE_NAME,
         qa.STE_IDENTITY_NAME,
     )
@@ -141,7 +148,7 @@ def _entry_markers(program: Program) -> dict[str, jcore.JaxprEqn]:
 
     def visit(site: Site) -> None:
         eqn = site.eqn
-        if site.regions or hop_kind(eqn) != "jit" or jit_name(eqn) != qa.MARKER:
+        if site.regions or region_kind(eqn) != "jit" or jit_name(eqn) != qa.MARKER:
             return
         tag = site.in_tags[0]
         if tag is None:

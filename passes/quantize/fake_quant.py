@@ -29,10 +29,17 @@ from maas_jax.passes.quantize import qarray as qa
 from maas_jax.passes.quantize.numerics import QuantSpec, get_format, make_spec
 
 from maas_jax import PassRecord, Program, Rewrite, SelectionError, UnusedRuleWarning, rewrite
-from maas_jax._compat import CONTRACTION_PRIMITIVES
-from maas_jax._interpreter import SideOutput, emit, rewrite_with_side_outputs
-from maas_jax._provenance import contraction_sites, map_dims_to_param_axes
-from maas_jax._select import ParamInfo, param_infos, predicate
+from maas_jax.extend import (
+    CONTRACTION_PRIMITIVES,
+    ParamInfo,
+    SideOutput,
+    contraction_sites,
+    emit,
+    map_dims_to_param_axes,
+    param_infos,
+    predicate,
+    rewrite_with_side_outputs,
+)
 
 CALIBRATIONS = ("minmax", "moving_average", "percentile", "mse", "kl")
 HIST_BINS = 2048

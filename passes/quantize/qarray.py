@@ -29,7 +29,7 @@ from maas_jax.passes.quantize.numerics import (
     quantize,
 )
 
-from maas_jax import _compat
+from maas_jax.extend import bind_with_params, is_floating, reshape_groups
 
 MARKER = "maas_fake_quant"
 STE_NAME = "maas_ste"
@@ -86,7 +86,7 @@ class QArray:
             return self.transpose(tuple(eqn.params["permutation"]))
         if name == "convert_element_type":
             new = eqn.params["new_dtype"]
-            return self.astype(new) if _compat.is_floating(new) else None
+            return self.astype(new) if is_floating(new) else None
         if name in ("copy", "copy_p", "pvary"):
             return self.map_leaves(lambda x: _bind(eqn, x, operands))
         if name in ("sharding_constraint", "mesh_cast", "reshard"):
@@ -144,8 +144,6 @@ class QArray:
         )
 
     def _reshaped(self, eqn: Any, operands: list[Any], out_shape: tuple[int, ...]) -> QArray | None:
-        from maas_jax._provenance import reshape_groups
-
         in_shape = self.shape
         reduce = set(self.spec.reduce_axes)
         compact: list[int] = [1] * len(out_shape)
@@ -252,15 +250,13 @@ class QArray:
         params = {**p, "slice_sizes": tuple(sizes)}
         # Out-of-bounds fills: the float source and scale take jax's (NaN), so a dropped row
         # dequantizes to NaN as the float model's does; integers take their dtype's default.
-        (q,) = _compat.bind_with_params(
-            eqn.primitive, {**p, "fill_value": None}, [self.q, *operands]
-        )
+        (q,) = bind_with_params(eqn.primitive, {**p, "fill_value": None}, [self.q, *operands])
         orig = None
         if self.orig is not None:
-            (orig,) = _compat.bind_with_params(eqn.primitive, p, [self.orig, *operands])
+            (orig,) = bind_with_params(eqn.primitive, p, [self.orig, *operands])
 
         def g(x: Any) -> Any:
-            return _compat.bind_with_params(eqn.primitive, params, [x, *operands])[0]
+            return bind_with_params(eqn.primitive, params, [x, *operands])[0]
 
         scale, zp = self._map_scales(g)
         dropped = set(dn.collapsed_slice_dims) | set(getattr(dn, "operand_batching_dims", ()))
@@ -334,7 +330,7 @@ class QArray:
 
 
 def _bind(eqn: Any, x: Any, operands: list[Any]) -> Any:
-    return _compat.bind_with_params(eqn.primitive, eqn.params, [x, *operands])[0]
+    return bind_with_params(eqn.primitive, eqn.params, [x, *operands])[0]
 
 
 # ---- straight-through estimators ------------------------------------------------------
@@ -377,8 +373,8 @@ def ste_contraction(eqn: Any, exact: Any, lhs_dq: Any, rhs_dq: Any, lhs: Any, rh
     def jvp(primals: Any, tangents: Any) -> Any:
         exact, lhs_dq, rhs_dq, _, _ = primals
         _, _, _, d_lhs, d_rhs = tangents
-        (t1,) = _compat.bind_with_params(eqn.primitive, eqn.params, [d_lhs, rhs_dq])
-        (t2,) = _compat.bind_with_params(eqn.primitive, eqn.params, [lhs_dq, d_rhs])
+        (t1,) = bind_with_params(eqn.primitive, eqn.params, [d_lhs, rhs_dq])
+        (t2,) = bind_with_params(eqn.primitive, eqn.params, [lhs_dq, d_rhs])
         return exact, (t1 + t2).astype(exact.dtype)
 
     _named(ste.fun, STE_NAME)
@@ -483,7 +479,7 @@ def int_contraction(eqn: Any, lhs: QArray, rhs: QArray) -> Any:
     params = {**eqn.params, "preferred_element_type": jnp.int32}
     if "precision" in params:
         params["precision"] = None
-    (acc,) = _compat.bind_with_params(eqn.primitive, params, [_centered(lhs), _centered(rhs)])
+    (acc,) = bind_with_params(eqn.primitive, params, [_centered(lhs), _centered(rhs)])
     out_ndim = acc.ndim
     y = acc.astype(jnp.float32)
     y = y * _scale_to_out(eqn, lhs.scale, 0, out_ndim)
@@ -492,7 +488,7 @@ def int_contraction(eqn: Any, lhs: QArray, rhs: QArray) -> Any:
 
 
 def float_contraction(eqn: Any, lhs: Any, rhs: Any) -> Any:
-    (y,) = _compat.bind_with_params(eqn.primitive, eqn.params, [lhs, rhs])
+    (y,) = bind_with_params(eqn.primitive, eqn.params, [lhs, rhs])
     return y
 
 
