@@ -248,7 +248,7 @@ def schema() -> dict[str, Any]:
     ['description', 'name', 'pass', 'verify', 'version']
     """
     branches = []
-    for name, (props, required) in _PASS_PROPERTIES.items():
+    for name, (props, required) in _all_pass_properties().items():
         branches.append(
             {
                 "if": {"properties": {"name": {"const": name}}, "required": ["name"]},
@@ -276,7 +276,7 @@ def schema() -> dict[str, Any]:
         "$defs": {
             "pass": {
                 "type": "object",
-                "properties": {"name": {"enum": list(_PASS_PROPERTIES)}},
+                "properties": {"name": {"enum": list(_all_pass_properties())}},
                 "required": ["name"],
                 "allOf": branches,
             }
@@ -299,7 +299,15 @@ def _validate(doc: Any, source: str) -> None:
     if not errors:
         return
     # The deepest error is the most specific one (an ``if/then`` branch reports at the pass).
-    err = max(errors, key=lambda e: len(e.absolute_path))
+    # An unknown key explains a missing one (a misspelling), so it is reported first.
+    err = max(
+        errors,
+        key=lambda e: (
+            len(e.absolute_path),
+            e.validator != "required",
+            e.validator == "additionalProperties",
+        ),
+    )
     err = _most_specific(err)
     where = _key_path(err.absolute_path) or "top level"
     raise RecipeError(f"{source}: {where}: {_describe(err, doc)}")
@@ -318,7 +326,7 @@ def _describe(err: Any, doc: Any) -> str:
         allowed = set(err.schema.get("properties", {}))
         unknown = sorted(k for k in instance if k not in allowed)
         what = instance.get("name") if isinstance(instance, dict) else None
-        if what in _PASS_PROPERTIES and not (allowed - {"name"}):
+        if what in _all_pass_properties() and not (allowed - {"name"}):
             hint = f"{what} takes no arguments"
         else:
             hint = "allowed: " + ", ".join(sorted(allowed))
@@ -327,7 +335,8 @@ def _describe(err: Any, doc: Any) -> str:
     if err.validator == "required":
         return err.message.replace("is a required property", "is required")
     if err.validator in ("enum", "const") and err.absolute_path and err.absolute_path[-1] == "name":
-        return f"unknown pass {err.instance!r}; recipe passes: {', '.join(_PASS_PROPERTIES)}"
+        known = ", ".join(_all_pass_properties())
+        return f"unknown pass {err.instance!r}; recipe passes: {known}"
     if err.validator == "const" and list(err.absolute_path) == ["version"]:
         return f"recipe format version {err.instance!r}; this maas_jax reads version 1"
     return err.message
@@ -481,9 +490,18 @@ def _pass_to_doc(p: Any, index: str) -> dict[str, Any]:
             "(which channels to keep); that is data, not configuration. Save the pruned "
             "parameters with maas_jax.checkpoint and write the remaining passes as a recipe."
         )
+    for name, cls in _REGISTERED.items():
+        if type(p) is cls:
+            doc = {"name": name}
+            for key, value in _fields_to_doc(p).items():
+                doc[key] = (
+                    _where_to_doc(value, what) if key == "where" else _plain_to_doc(value, what)
+                )
+            return doc
     raise RecipeError(
-        f"{what}: {p!r} is not one of maas_jax's passes ({', '.join(_PASS_PROPERTIES)}); a "
-        "recipe file names built-in passes and their arguments, not code."
+        f"{what}: {p!r} is not one of maas_jax's passes ({', '.join(_PASS_PROPERTIES)}) nor "
+        "a pass registered with maas_jax.recipe.register_pass; a recipe file names passes and "
+        "their arguments, not code."
     )
 
 
@@ -567,11 +585,85 @@ def _pass_from_doc(doc: dict[str, Any], what: str) -> Any:
             if "batch_axis" in args:
                 args["batch_axis"] = _false_to_none(args["batch_axis"])
             return passes.shard(mesh, **args)
+        if name in _REGISTERED:
+            for key, value in list(args.items()):
+                args[key] = _where_from_doc(value) if key == "where" else _plain_from_doc(value)
+            return _REGISTERED[name](**args)
     except RecipeError:
         raise
     except (TypeError, ValueError, MaasError) as e:
         raise RecipeError(f"{what} ({name}): {e}") from e
     raise AssertionError(f"schema admitted an unknown pass {name!r}")  # pragma: no cover
+
+
+# --- passes defined outside maas_jax ------------------------------------------------------
+
+_REGISTERED: dict[str, type] = {}
+
+
+def register_pass(cls: type | None = None, *, name: str | None = None) -> Any:
+    """Let recipe files hold a pass of your own (a frozen dataclass of plain arguments).
+
+    Its fields are written as they are (numbers, strings, bools, lists; a field named
+    ``where`` as a selector) and read back by calling the class with them. Use as a decorator.
+
+    >>> import dataclasses
+    >>> from maas_jax import recipe
+    >>> @recipe.register_pass
+    ... @dataclasses.dataclass(frozen=True, kw_only=True)
+    ... class RoundWeights:
+    ...     decimals: int = 1
+    ...     name = "round_weights"
+    ...     def __call__(self, program):
+    ...         return program
+    >>> recipe.dumps(RoundWeights(decimals=2)).splitlines()[-2:]
+    ['name = "round_weights"', 'decimals = 2']
+    >>> recipe.loads(recipe.dumps(RoundWeights(decimals=2))).passes[0]
+    RoundWeights(decimals=2)
+    """
+
+    def register(c: type) -> type:
+        if not dataclasses.is_dataclass(c):
+            raise TypeError(f"register_pass: {c.__name__} is not a dataclass")
+        n = name or getattr(c, "name", None)
+        if not isinstance(n, str) or not n:
+            raise TypeError(f"register_pass: give {c.__name__} a `name` (class attribute)")
+        if n in _PASS_PROPERTIES:
+            raise ValueError(f"register_pass: {n!r} is a built-in pass name")
+        if _REGISTERED.get(n, c) is not c:
+            raise ValueError(f"register_pass: {n!r} is already registered to another class")
+        _REGISTERED[n] = c
+        return c
+
+    return register if cls is None else register(cls)
+
+
+def _all_pass_properties() -> dict[str, tuple[dict[str, Any], tuple[str, ...]]]:
+    out = dict(_PASS_PROPERTIES)
+    for n, c in _REGISTERED.items():
+        fields = [f for f in dataclasses.fields(c) if f.init]
+        required = tuple(
+            f.name
+            for f in fields
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        )
+        out[n] = ({f.name: (_WHERE if f.name == "where" else {}) for f in fields}, required)
+    return out
+
+
+def _plain_to_doc(value: Any, what: str) -> Any:
+    if isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, list | tuple):
+        return [_plain_to_doc(v, what) for v in value]
+    raise RecipeError(
+        f"{what}: {value!r} ({type(value).__name__}) cannot be written to a recipe file; a "
+        "registered pass's fields must be numbers, strings, bools or lists of them"
+    )
+
+
+def _plain_from_doc(value: Any) -> Any:
+    return tuple(_plain_from_doc(v) for v in value) if isinstance(value, list) else value
 
 
 # --- TOML text -----------------------------------------------------------------------------
@@ -728,6 +820,7 @@ def load(path: Any) -> Pipeline:
 __all__ = [
     "FORMAT_VERSION",
     "RecipeError",
+    "register_pass",
     "dump",
     "dumps",
     "from_dict",

@@ -141,6 +141,24 @@ def test_rows_never_see_the_other_rows_of_their_batch(int8_artifact):
     np.testing.assert_array_equal(a, b)
 
 
+def test_a_w8a8_row_has_the_same_bits_in_every_bucket(tmp_path):
+    """The per-token activation scale ``absmax / 127`` must not depend on the bucket: vmap
+    used to broadcast the constant divisor outside its optimization barrier, XLA then turned
+    the division into a multiply by the reciprocal, and a row's scale (and so its int8
+    codes) changed in the last bit between bucket 1 and bucket 8."""
+    rng = np.random.default_rng(5)
+    w = jnp.asarray(rng.normal(size=(384, 256)).astype(np.float32))
+    q = passes.quantize_model(
+        lambda p, x: jax.nn.gelu(x @ p["w"]), {"w": w}, jnp.ones((1, 64, 384)), recipe="w8a8"
+    )
+    ref = export.reference_fn(q.program)
+    flat = jax.tree.leaves(q.params)
+    x = rng.normal(size=(8, 64, 384)).astype(np.float32)
+    bucket8 = np.asarray(ref(flat, x)[0])
+    for i in range(8):
+        np.testing.assert_array_equal(np.asarray(ref(flat, x[i : i + 1])[0])[0], bucket8[i])
+
+
 def test_warmup_runs_every_bucket_with_stored_rows(tmp_path):
     params = _mlp_params()
     prog = maas_jax.trace(mlp, params, jnp.ones((1, 16)))
@@ -176,6 +194,12 @@ def test_sharded_program_exports_with_its_shardings_and_loads_on_a_same_shape_me
     wrong = MeshSpec({"data": 4, "model": 2}).build()
     with pytest.raises(ArtifactError, match=r"exported for a mesh \{'data': 2, 'model': 4\}"):
         export.load(d, mesh=wrong)
+    # served over the host's 8 devices (tensor parallel), answers equal the in-process call
+    from maas_jax.serve import Client, serve_in_thread
+
+    with serve_in_thread([art]) as server, Client(server.url) as client:
+        served = client.infer(art.name, {"x": x[:3]})["output"]
+    np.testing.assert_array_equal(served, np.asarray(art(x[:3])))
 
 
 # ---- refusals: named, and before deserializing ---------------------------------------------

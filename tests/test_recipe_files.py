@@ -16,10 +16,10 @@ import jsonschema
 import numpy as np
 import pytest
 from jax.sharding import Mesh
+from maas_jax.passes import QuantRule
 
 import maas_jax
 from maas_jax import Op, Path, passes, recipe
-from maas_jax.passes import QuantRule
 from maas_jax.recipe import RecipeError
 
 
@@ -290,3 +290,33 @@ def test_a_checkpoint_records_the_pipeline_as_its_recipe(tmp_path):
     assert recipe.from_dict(restored.recipe) == pipe
     with pytest.raises(checkpoint.CheckpointError, match=r"recipe: pass\[0\] .*not one of"):
         checkpoint.save(tmp_path, 4, params={"w": jnp.ones(2)}, recipe=lambda program: program)
+
+
+def test_a_registered_user_pass_round_trips_and_bad_registrations_are_refused():
+    import dataclasses
+
+    @recipe.register_pass
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class ScaleWeights:
+        factor: float
+        where: object = None
+        axes: tuple = ()
+        name = "test_scale_weights"
+
+        def __call__(self, program):
+            return program
+
+    pipe = maas_jax.pipeline(
+        ScaleWeights(factor=0.5, where=(r"k$", Op("dot_general")), axes=(0, 1))
+    )
+    assert recipe.loads(recipe.dumps(pipe)) == pipe
+    with pytest.raises(RecipeError, match=r"pass\[0\]: 'factor' is required"):
+        recipe.loads('version = 1\n[[pass]]\nname = "test_scale_weights"\n')
+    with pytest.raises(RecipeError, match=r"unknown key 'fator'"):
+        recipe.loads('version = 1\n[[pass]]\nname = "test_scale_weights"\nfator = 1.0\n')
+    with pytest.raises(RecipeError, match=r"cannot be written to a recipe file"):
+        recipe.dumps(ScaleWeights(factor=jnp.ones(2)))
+    with pytest.raises(ValueError, match=r"'dce' is a built-in pass name"):
+        recipe.register_pass(dataclasses.make_dataclass("X", [], namespace={"name": "dce"}))
+    with pytest.raises(TypeError, match=r"is not a dataclass"):
+        recipe.register_pass(type("Y", (), {"name": "y"}))

@@ -356,7 +356,7 @@ def test_concurrent_clients_are_batched_and_get_their_own_rows():
 
 def test_batching_off_runs_each_request_alone():
     model, calls = echo_model()
-    with started(create_app([model], batching=False)) as tc:
+    with started(create_app([model], batching=False, bucket_plan="single")) as tc:
         c = Client("http://testserver", http_client=tc)
         ids = np.array([[1, 2], [3, 4], [5, 6]], np.int32)
         np.testing.assert_array_equal(c.infer("echo", {"ids": ids})["out"], ids * 10 + 1)
@@ -442,7 +442,7 @@ def test_graceful_shutdown_completes_in_flight_requests():
         batch_sizes=(1, 2, 4, 8),
     )
     n = 6
-    ctx = serve_in_thread([model], max_queue_delay_ms=1.0)
+    ctx = serve_in_thread([model], max_queue_delay_ms=1.0, bucket_plan="single")
     server = ctx.__enter__()
     try:
         ids = np.array([[3, 4]], np.int32)
@@ -474,6 +474,7 @@ def test_graceful_shutdown_completes_in_flight_requests():
         assert s.connect_ex(("127.0.0.1", int(server.url.rsplit(":", 1)[1]))) != 0
 
 
+@pytest.mark.slow  # ~13 s; tests/test_serve_schema.py fuzzes every operation in both modes too
 def test_schemathesis_no_5xx():
     schemathesis = pytest.importorskip("schemathesis")
     import requests

@@ -94,7 +94,9 @@ def _workload(url: str, n_threads: int, per_thread: int, seed0: int = 1):
 def test_every_row_count_and_bucket_matches_the_reference():
     batches: list = []
     rng = np.random.default_rng(0)
-    with serve_in_thread([seeded_model(batches)]) as server:
+    # bucket_plan="single": the bucket each request ran in is asserted below (the cost plan
+    # has its own test, test_a_batch_runs_in_the_cheapest_buckets_the_server_measured)
+    with serve_in_thread([seeded_model(batches)], bucket_plan="single") as server:
         for binary in (False, True):
             with Client(server.url, binary=binary) as c:
                 for rows in range(1, 9):
@@ -134,7 +136,9 @@ def test_concurrent_clients_are_batched_and_get_exactly_their_rows():
 def test_batching_off_runs_each_request_alone():
     batches: list = []
     model = seeded_model(batches, delay_s=0.002)
-    with serve_in_thread([model], batching=False, max_queue_delay_ms=20.0) as server:
+    with serve_in_thread(
+        [model], batching=False, max_queue_delay_ms=20.0, bucket_plan="single"
+    ) as server:
         total_rows = _workload(server.url, n_threads=6, per_thread=3)
         text = httpx.get(server.url + "/metrics").text
     labels = {"model": "seeded", "version": "1"}

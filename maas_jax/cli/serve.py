@@ -7,14 +7,15 @@ import os
 from typing import Any
 
 
-def _positive(kind: type) -> Any:
+def _positive(kind: type, *, zero_ok: bool = False) -> Any:
     def parse(text: str) -> Any:
         try:
             v = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if v <= 0:
-            raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
+        if not (v >= 0 if zero_ok else v > 0) or v != v:
+            need = "non-negative" if zero_ok else "positive"
+            raise argparse.ArgumentTypeError(f"must be {need}, got {text!r}")
         return v
 
     return parse
@@ -30,7 +31,12 @@ def add_parser(sub: Any) -> None:
         help="one API key per line; or set MAAS_JAX_API_KEYS=key1,key2 (default: no auth)",
     )
     p.add_argument("--max-batch-size", type=_positive(int), help="default: largest bucket")
-    p.add_argument("--max-queue-delay-ms", type=_positive(float), default=5.0)
+    p.add_argument(
+        "--max-queue-delay-ms",
+        type=_positive(float, zero_ok=True),
+        default=5.0,
+        help="how long the oldest request waits for others (0: batch what is waiting)",
+    )
     p.add_argument("--max-queue-size", type=_positive(int), default=256)
     p.add_argument("--timeout", type=_positive(float), default=30.0, help="request deadline, s")
     p.add_argument("--max-body-mb", type=_positive(float), default=64.0)

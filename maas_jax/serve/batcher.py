@@ -156,8 +156,10 @@ def plan_chunks(rows: int, costs: dict[int, float]) -> list[int]:
         n -= choice[n]
     # One padded bucket unless splitting saves a clear margin: timings of tiny models are
     # noise, and one execution is simpler for everyone (metrics, tracing, the device queue).
+    # Never more padding than the single bucket has: a plan that pads more is only "cheaper"
+    # through timing noise (a bigger bucket is never really faster than a smaller one).
     single = next((b for b in sizes if b >= rows), None)
-    if single is not None and best[rows] >= SPLIT_MARGIN * costs[single]:
+    if single is not None and (best[rows] >= SPLIT_MARGIN * costs[single] or sum(chunks) > single):
         return [single]
     return sorted(chunks, reverse=True)
 
@@ -205,7 +207,7 @@ class Batcher:
         self.costs: dict[int, float] | None = None  # seconds per bucket, once measured
         self._plans: dict[int, list[int]] = {}
 
-    def measure_costs(self, repeats: int = 3) -> dict[int, float]:
+    def measure_costs(self, repeats: int = 5) -> dict[int, float]:
         """Time every bucket (best of ``repeats`` runs on zero rows, after warmup) and plan
         batches by these times from now on. Call it on the model thread."""
         costs = {}

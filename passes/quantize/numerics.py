@@ -302,10 +302,19 @@ def _div(num: Any, den: Any) -> jax.Array:
     XLA's simplifier turns ``a / broadcast(b)`` into ``a * broadcast(1 / b)``. With the
     broadcast divisor behind an optimization barrier the pattern no longer matches; the barrier
     is dropped after optimization, so the division still fuses and nothing is materialized.
+
+    The divisor is also made to depend on ``num`` (``where(isnan(num), num, den)``: the same
+    quotient, NaN for a NaN ``num`` either way). Without that, a program traced at one batch
+    and ``vmap``-ed to a bigger one (an exported artifact's buckets) divides by a divisor
+    that is not batched: vmap broadcasts it *outside* the barrier, the rewrite matches again,
+    and the scale of a row differs in the last bit between batch sizes — enough to flip a
+    rounding of a quantized activation, so a served row would depend on its bucket.
     """
     num, den = jnp.asarray(num, _F32), jnp.asarray(den, _F32)
     shape = jnp.broadcast_shapes(num.shape, den.shape)
-    return num / lax.optimization_barrier(jnp.broadcast_to(den, shape))
+    num = jnp.broadcast_to(num, shape)
+    den = jnp.where(jnp.isnan(num), num, jnp.broadcast_to(den, shape))
+    return num / lax.optimization_barrier(den)
 
 
 def _safe_scale(scale: jax.Array) -> jax.Array:
