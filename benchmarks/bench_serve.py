@@ -84,6 +84,23 @@ def digits_artifact(work: Path) -> tuple[Path, Callable[[int], dict], dict]:
     return art, lambda i: pool[i % len(pool)], {"model": "digits CNN (flax), w8a8"}
 
 
+def bucket_times_ms(art_dir: Path, feed: Callable[[int], dict]) -> dict[int, float]:
+    """Each bucket's compute time in this process (best of 5): how much a batch amortizes."""
+    art = export.load(art_dir)
+    one = feed(0)
+    out = {}
+    for b in BUCKETS:
+        rows = {k: np.repeat(v, b, axis=0) for k, v in one.items()}
+        art.run(rows)
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            art.run(rows)
+            times.append(time.perf_counter() - t0)
+        out[b] = round(min(times) * 1e3, 3)
+    return out
+
+
 MODELS = {"minilm": minilm_artifact, "digits": digits_artifact}
 BUCKETS = (1, 8, 32)
 
@@ -145,7 +162,11 @@ def main() -> None:
             "max_rss_growth": max((x["rss_growth"] or 0) for v in runs.values() for x in v),
         }
         print(model_name, json.dumps(summary, indent=2), flush=True)
-        setup |= {"buckets": list(BUCKETS), "artifact_bytes": export.directory_bytes(art)}
+        setup |= {
+            "buckets": list(BUCKETS),
+            "artifact_bytes": export.directory_bytes(art),
+            "bucket_ms_in_process": bucket_times_ms(art, feed),
+        }
         results[model_name] = {"setup": setup, "runs": runs, "summary": summary}
     result = {
         "command": "python benchmarks/bench_serve.py " + " ".join(sys.argv[1:]),

@@ -44,3 +44,16 @@ def test_mask_cost_figures_are_the_committed_ones(key):
     t = _results("any_model.json")["prune_masks_512_1024_1024_512_b8"]["timings"][key]
     ratio = t["vs_dense"]
     _quoted(f"{ratio:.0f}x dense" if ratio > 100 else f"{ratio:.1f}x for the baked masks")
+
+
+def test_serving_figures_are_the_committed_ones():
+    r = _results("serve.json")
+    m = r["models"]["minilm"]["summary"]
+    rps = m["throughput_rps"]
+    _quoted(
+        f"{m['throughput_ratio']:.2f}x the throughput ({rps['batching']:.1f} vs "
+        f"{rps['max_batch_size_1']:.1f} req/s)"
+    )
+    d = r["models"]["digits"]["summary"]
+    _quoted(f"{d['throughput_ratio']:.2f}x ({d['throughput_rps']['batching']:.0f} vs")
+    assert m["failed_requests"] == 0 and d["failed_requests"] == 0
