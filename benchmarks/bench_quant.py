@@ -263,11 +263,11 @@ def main(argv=None) -> int:
         res["minilm"] = minilm_section(64)
         print("all-MiniLM-L6-v2, 64 sentences, mean cosine to fp32:")
         for k, v in res["minilm"]["mean_cosine_to_fp32"].items():
-            print(f"  {k:<28} {v:.6f}")
+            print(f"  {k:<28} {v:.6f}" if isinstance(v, float) else f"  {k:<28} {v}")
         res["digits"] = digits_section()
         print("digits CNN (BatchNorm, not folded) test accuracy:")
         for k, v in res["digits"].items():
-            print(f"  {k:<28} {v:.4f}")
+            print(f"  {k:<28} {v:.4f}" if isinstance(v, float) else f"  {k:<28} {v}")
     if ns.out:
         ns.out.write_text(json.dumps(res, indent=2) + "\n")
         print(f"wrote {ns.out}")

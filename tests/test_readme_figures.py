@@ -57,3 +57,28 @@ def test_serving_figures_are_the_committed_ones():
     d = r["models"]["digits"]["summary"]
     _quoted(f"{d['throughput_ratio']:.2f}x ({d['throughput_rps']['batching']:.0f} vs")
     assert m["failed_requests"] == 0 and d["failed_requests"] == 0
+
+
+def test_pruning_figures_are_the_committed_ones():
+    r = _results("prune.json")
+    ratio = r["mlp"]["ratio_to_dense"]
+    _quoted(f"runs at {ratio['50% channels removed']:.2f}x the dense latency")
+    _quoted(f"(50% baked masks: {ratio['50% masks (baked constants)']:.2f}x)")
+    acc = r["digits"]
+    _quoted(
+        f"{acc['dense'] * 100:.1f}% dense, {acc['50% gradual magnitude'] * 100:.1f}% at 50% (also "
+        f"with int8 on top), {acc['80% gradual magnitude'] * 100:.1f}% at 80%, "
+        f"{acc['90% gradual magnitude'] * 100:.1f}% at 90%"
+    )
+    assert acc["50% + int8 w8a8"] == acc["50% gradual magnitude"]  # "also with int8 on top"
+
+
+def test_sharding_plan_figures_are_the_committed_ones():
+    runs = _results("shard_plan.json")["runs"]
+    for run in runs:  # "exactly 1/64 and 1/256 of the parameter bytes per device"
+        devices = run["mesh"]["data"] * run["mesh"]["model"]
+        assert run["replicated_param_fraction"] == 0.0
+        assert abs(run["param_bytes_per_device"] * devices / run["param_bytes_total"] - 1) < 1e-3
+        if "seconds" in run:
+            _quoted(f"in {run['seconds']['lower_and_compile']:.1f} s on {devices}")
+    assert sorted(r["mesh"]["data"] * r["mesh"]["model"] for r in runs) == [64, 256]
