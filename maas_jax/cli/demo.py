@@ -55,14 +55,21 @@ def server(artifact: Path, key: str, *extra: str) -> Iterator[tuple[str, int]]:
     env = dict(os.environ, MAAS_JAX_API_KEYS=key)
     cmd = [sys.executable, "-m", "maas_jax", "serve", str(artifact), "--port", str(port)]
     cmd += ["--log-level", "warning", *extra]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # stderr to a file, not a pipe: a pipe nobody reads would block the server once full.
+    errors = tempfile.TemporaryFile()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=errors)
     url = f"http://127.0.0.1:{port}"
+
+    def stderr_tail() -> str:
+        errors.seek(0)
+        return errors.read().decode(errors="replace")[-2000:]
+
     try:
         t0 = time.perf_counter()
         with Client(url, timeout=2.0) as c:
             while True:
                 if proc.poll() is not None:
-                    raise RuntimeError(f"server exited: {proc.stderr.read().decode()[-2000:]}")
+                    raise RuntimeError(f"server exited: {stderr_tail()}")
                 with contextlib.suppress(Exception):
                     if c.ready():
                         break
@@ -84,6 +91,9 @@ def server(artifact: Path, key: str, *extra: str) -> Iterator[tuple[str, int]]:
         # uvicorn drains, then re-raises the signal it caught: -SIGTERM is a clean stop here.
         how = "drained and stopped on SIGTERM" if rc == -signal.SIGTERM else f"exit code {rc}"
         print(f"server {how}")
+        if rc not in (0, -signal.SIGTERM):
+            print(stderr_tail())
+        errors.close()
 
 
 def run(ns: argparse.Namespace) -> int:
@@ -95,7 +105,7 @@ def run(ns: argparse.Namespace) -> int:
     from maas_jax.cli.inspect_artifact import describe
     from maas_jax.models.minilm import load_minilm
     from maas_jax.models.sentences import SENTENCES
-    from maas_jax.serve import Client
+    from maas_jax.serve import Client, ServeError
 
     ok = True
     work = Path(ns.out or tempfile.mkdtemp(prefix="maas_jax_demo_"))
@@ -166,11 +176,13 @@ def run(ns: argparse.Namespace) -> int:
             print(f"cosine to the fp32 model: mean {cos.mean():.5f}, min {cos.min():.5f}")
             ok &= exact and cos.min() > 0.99
             try:
-                Client(url, api_key="wrong").infer("minilm", {k: batch[k] for k in names})
+                with Client(url, api_key="wrong") as intruder:
+                    intruder.infer("minilm", {k: batch[k] for k in names})
                 print("a wrong API key was accepted: FAIL")
                 ok = False
-            except Exception as e:  # ServeError(401)
+            except ServeError as e:
                 print(f"a wrong API key is refused: {e}")
+                ok &= e.status == 401
         pool = [{k: rows([s])[k] for k in names} for s in SENTENCES[:64]]
         _section(f"5. load test: {ns.concurrency} clients, single sentences, {ns.load_seconds} s")
         on = load_test(

@@ -24,7 +24,7 @@ from urllib.parse import quote
 import httpx
 import numpy as np
 
-from maas_jax.serve.protocol import numpy_dtype, oip_datatype
+from maas_jax.serve.protocol import numpy_dtype, oip_datatype, tensor_bytes
 
 __all__ = ["Client", "ServeError"]
 
@@ -68,14 +68,6 @@ def _raise_for(r: httpx.Response) -> None:
     except ValueError:
         retry_s = None
     raise ServeError(r.status_code, str(message), retry_s)
-
-
-def _to_bytes(arr: np.ndarray) -> bytes:
-    if arr.dtype == np.bool_:
-        return arr.astype(np.uint8).tobytes()
-    if sys.byteorder == "big":
-        arr = arr.byteswap()
-    return np.ascontiguousarray(arr).tobytes()
 
 
 class Client:
@@ -201,7 +193,7 @@ class Client:
                 "shape": list(arr.shape),
             }
             if self.binary:
-                raw = _to_bytes(arr)
+                raw = tensor_bytes(arr)
                 entry["parameters"] = {"binary_data_size": len(raw)}
                 chunks.append(raw)
             else:

@@ -48,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from maas_jax._signature import TensorSpec
+from maas_jax._signature import NUMPY_TO_OIP, TensorSpec
 
 __all__ = [
     "OIP_DATATYPES",
@@ -63,21 +63,7 @@ __all__ = [
 
 # numpy dtype name -> OIP datatype. BYTES (length-prefixed strings) has no numpy twin here:
 # the served models take numeric tensors only, so a BYTES input is refused with a 400.
-_NP_TO_OIP: dict[str, str] = {
-    "bool": "BOOL",
-    "uint8": "UINT8",
-    "uint16": "UINT16",
-    "uint32": "UINT32",
-    "uint64": "UINT64",
-    "int8": "INT8",
-    "int16": "INT16",
-    "int32": "INT32",
-    "int64": "INT64",
-    "float16": "FP16",
-    "float32": "FP32",
-    "float64": "FP64",
-    "bfloat16": "BF16",
-}
+_NP_TO_OIP: dict[str, str] = NUMPY_TO_OIP
 _OIP_TO_NP = {v: k for k, v in _NP_TO_OIP.items()}
 OIP_DATATYPES: tuple[str, ...] = (*_NP_TO_OIP.values(), "BYTES")
 
@@ -434,7 +420,8 @@ def _requested_outputs(raw: Any, sig: Signature, binary_default: bool) -> list[t
 # -- responses --------------------------------------------------------------------------------
 
 
-def _to_bytes(arr: np.ndarray) -> bytes:
+def tensor_bytes(arr: np.ndarray) -> bytes:
+    """The binary-tensor-extension bytes of ``arr``: little-endian, C order, bools as bytes."""
     if arr.dtype == np.bool_:
         return arr.astype(np.uint8).tobytes()
     if sys.byteorder == "big":
@@ -470,7 +457,7 @@ def encode_infer_response(
             "shape": [int(d) for d in arr.shape],
         }
         if binary:
-            raw = _to_bytes(arr)
+            raw = tensor_bytes(arr)
             entry["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
         else:
