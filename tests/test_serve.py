@@ -296,7 +296,7 @@ def test_model_failure_is_500_and_access_log(caplog):
             ]})  # fmt: skip
             assert r.status_code == 500 and "boom" in r.json()["error"]
             text = tc.get("/metrics").text
-    assert metric(text, "maas_requests_total", model="bad", status="500") == 1
+    assert metric(text, "maas_jax_request_failure_total", model="bad", code="500") == 1
     lines = [json.loads(r.getMessage()) for r in caplog.records if r.name.endswith("access")]
     entry = next(e for e in lines if e["path"] == "/v2/models/bad/infer")
     assert entry["status"] == 500 and entry["method"] == "POST" and "duration_ms" in entry
@@ -345,9 +345,9 @@ def test_concurrent_clients_are_batched_and_get_their_own_rows():
         for ids, out in results:
             np.testing.assert_array_equal(out, ids * 10 + 1)
         text = httpx.get(server.url + "/metrics").text
-    execs = metric(text, "maas_executions_total", model="echo")
-    assert metric(text, "maas_inference_requests_total", model="echo") == n
-    assert metric(text, "maas_inference_rows_total", model="echo") == sum(
+    execs = metric(text, "maas_jax_inference_exec_count_total", model="echo")
+    assert metric(text, "maas_jax_request_success_total", model="echo") == n
+    assert metric(text, "maas_jax_inference_count_total", model="echo") == sum(
         1 + i % 3 for i in range(n)
     )
     assert 0 < execs < n
@@ -456,7 +456,7 @@ def test_graceful_shutdown_completes_in_flight_requests():
             t_end = time.monotonic() + 10
             while True:  # every request is running or queued on the server
                 text = httpx.get(server.url + "/metrics").text
-                if sum(started_rows) + metric(text, "maas_queue_depth", model="echo") == n:
+                if sum(started_rows) + metric(text, "maas_jax_queue_depth", model="echo") == n:
                     break
                 assert time.monotonic() < t_end, (started_rows, text)
                 time.sleep(0.01)

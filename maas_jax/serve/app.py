@@ -267,10 +267,6 @@ class _Server:
                 )
             versions[model.version] = _Entry(model, mbs)
             self.metrics.model_ready.labels(model.name, model.version).set(0)
-            self.metrics.set_depth(model.name, model.version, 0)
-            self.metrics.executions.labels(model.name)
-            self.metrics.rows.labels(model.name)
-            self.metrics.requests_inferred.labels(model.name)
         self.thread: ModelThread | None = None
         self._warmup: asyncio.Task[None] | None = None
         self.openapi = openapi_document(
@@ -545,7 +541,6 @@ async def infer(request: Request) -> Response:
         else:
             payload, header_len = encode_infer_response(e.sig, req, outputs)
         server.metrics.request_success.labels(*labels).inc()
-        server.metrics.requests.labels(labels[0], "200").inc()
         if header_len is None:
             return Response(payload, media_type="application/json")
         return Response(
@@ -555,18 +550,15 @@ async def infer(request: Request) -> Response:
         )
     except Rejected as r:
         server.metrics.request_failure.labels(*labels, r.reason, str(r.status)).inc()
-        server.metrics.requests.labels(labels[0], str(r.status)).inc()
         return _rejected(r)
     except Exception as exc:
         log.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
         server.metrics.request_failure.labels(*labels, "internal", "500").inc()
-        server.metrics.requests.labels(labels[0], "500").inc()
         return _error_message(500, "internal server error")
     finally:
         if labels[0]:
             elapsed = time.perf_counter() - t0
             server.metrics.request_duration.labels(*labels).observe(elapsed)
-            server.metrics.request_seconds.labels(labels[0]).observe(elapsed)
 
 
 @_guard

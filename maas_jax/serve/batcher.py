@@ -278,7 +278,6 @@ class Batcher:
         self._waiting_rows += rows
         self._idle.clear()
         self._m.queue_depth.labels(*self._labels).set(self._waiting)
-        self._m.set_depth(*self._labels, self._waiting)
         self._wake.set()
         try:
             done, _ = await asyncio.wait({p.future}, timeout=max(0.0, p.deadline - now))
@@ -301,7 +300,6 @@ class Batcher:
             self._waiting -= 1
             self._waiting_rows -= p.rows
             self._m.queue_depth.labels(*self._labels).set(self._waiting)
-            self._m.set_depth(*self._labels, self._waiting)
 
     def _abandon(self, p: _Pending) -> None:
         self._unqueue(p)
@@ -379,7 +377,6 @@ class Batcher:
         start = loop.time()
         for p in batch:
             self._m.queue_duration.labels(*self._labels).observe(start - p.enqueued)
-            self._m.queue_seconds.labels(self._labels[0]).observe(start - p.enqueued)
         self._running = len(batch)
         try:
             results, runs = await self._thread.call(self._execute, batch, rows, chunks)
@@ -395,18 +392,12 @@ class Batcher:
             self._running = 0
             self._maybe_idle()
         labels = self._labels
-        name = labels[0]
-        self._m.requests_inferred.labels(name).inc(len(batch))
         for used, bucket, seconds in runs:  # one execution per bucket run
             self._m.exec_count.labels(*labels).inc()
             self._m.inference_count.labels(*labels).inc(used)
             self._m.padding_rows.labels(*labels).inc(bucket - used)
             self._m.batch_size.labels(*labels).observe(used)
             self._m.compute_duration.labels(*labels).observe(seconds)
-            self._m.executions.labels(name).inc()
-            self._m.rows.labels(name).inc(used)
-            self._m.batch_rows.labels(name).observe(used)
-            self._m.compute_seconds.labels(name).observe(seconds)
         for p, res in zip(batch, results, strict=True):
             if not p.future.done():
                 p.future.set_result(res)

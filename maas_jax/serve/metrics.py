@@ -129,63 +129,6 @@ class ServerMetrics:
             registry=r,
         )
 
-        # The names of the maas_jax serving spec, labelled by model name only (versions summed).
-        self.requests = Counter(
-            "maas_requests",
-            "Inference requests answered, by model name and HTTP status.",
-            ("model", "status"),
-            registry=r,
-        )
-        self.rows = Counter(
-            "maas_inference_rows", "Rows inferred (padding excluded).", ("model",), registry=r
-        )
-        self.requests_inferred = Counter(
-            "maas_inference_requests",
-            "Requests whose rows the model ran.",
-            ("model",),
-            registry=r,
-        )
-        self.executions = Counter(
-            "maas_executions", "Batches run (model.run calls).", ("model",), registry=r
-        )
-        self.batch_rows = Histogram(
-            "maas_batch_size",
-            "Rows of real requests per executed batch.",
-            ("model",),
-            buckets=_BATCH_BUCKETS,
-            registry=r,
-        )
-        self.queue_seconds = Histogram(
-            "maas_queue_seconds",
-            "Time a request waited in the batch queue.",
-            ("model",),
-            buckets=_TIME_BUCKETS,
-            registry=r,
-        )
-        self.compute_seconds = Histogram(
-            "maas_compute_seconds",
-            "Time of one batch in the model thread.",
-            ("model",),
-            buckets=_TIME_BUCKETS,
-            registry=r,
-        )
-        self.request_seconds = Histogram(
-            "maas_request_seconds",
-            "Time from receiving an inference request to its response.",
-            ("model",),
-            buckets=_TIME_BUCKETS,
-            registry=r,
-        )
-        self.depth = Gauge(
-            "maas_queue_depth", "Requests waiting in the batch queue.", ("model",), registry=r
-        )
-        self._depths: dict[tuple[str, str], int] = {}
-
-    def set_depth(self, model: str, version: str, waiting: int) -> None:
-        """Record one version's queue; ``maas_queue_depth{model}`` sums the versions."""
-        self._depths[model, version] = waiting
-        self.depth.labels(model).set(sum(v for (m, _), v in self._depths.items() if m == model))
-
     def render(self) -> tuple[bytes, str]:
         """The text exposition and its content type."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
