@@ -164,3 +164,25 @@ def test_the_model_as_a_service_demo_runs_end_to_end(capsys):
     assert "a wrong API key is refused: HTTP 401" in out
     assert "failed {}" in out and "all checks passed" in out
     assert "server drained and stopped on SIGTERM" in out
+
+
+def test_bench_runs_a_bounded_load_test_with_a_key_from_a_file(tmp_path):
+    from maas_jax.serve import TensorSpec, from_callable, serve_in_thread
+
+    model = from_callable(
+        lambda x: {"y": x * 2},
+        name="double",
+        inputs=[TensorSpec("x", "float32", (-1, 3))],
+        outputs=[TensorSpec("y", "float32", (-1, 3))],
+        batch_sizes=(1, 4),
+    )
+    key_file = tmp_path / "key"
+    key_file.write_text("bench-secret\n")
+    out = tmp_path / "bench.json"
+    with serve_in_thread([model], api_keys=["bench-secret"]) as server:
+        argv = ["bench", server.url, "--model", "double", "--duration", "1", "--concurrency", "2"]
+        assert cli.main([*argv, "--api-key-file", str(key_file), "--json-out", str(out)]) == 0
+        figures = json.loads(out.read_text())
+        assert figures["requests_ok"] > 0 and figures["failures"] == {}
+        assert figures["p50_ms"] <= figures["p99_ms"]
+        assert cli.main(argv) == 2  # no key: refused

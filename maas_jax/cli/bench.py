@@ -122,6 +122,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--rows", type=int, default=1, help="rows per request")
     p.add_argument("--json-out", help="write the figures here as JSON")
     p.add_argument("--no-binary", action="store_true", help="JSON tensors instead of binary")
+    p.add_argument(
+        "--api-key-file",
+        help="a file whose first line is the API key (default: $MAAS_JAX_API_KEY); a key on "
+        "the command line would show in the process list, so there is no --api-key",
+    )
     p.set_defaults(run=run)
 
 
@@ -132,6 +137,13 @@ def run(ns: argparse.Namespace) -> int:
         print("maas-jax bench: --concurrency, --duration, --rows and --max-requests must be > 0")
         return 2
     key = os.environ.get("MAAS_JAX_API_KEY")
+    if ns.api_key_file:
+        try:
+            with open(ns.api_key_file, encoding="utf-8") as f:
+                key = f.readline().strip()
+        except OSError as e:
+            print(f"maas-jax bench: cannot read the API key file: {e}")
+            return 2
     try:
         with Client(ns.url, api_key=key) as c:
             meta = c.metadata(ns.model)
