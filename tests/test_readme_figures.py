@@ -57,6 +57,9 @@ def test_serving_figures_are_the_committed_ones():
     d = r["models"]["digits"]["summary"]
     _quoted(f"{d['throughput_ratio']:.2f}x ({d['throughput_rps']['batching']:.0f} vs")
     assert m["failed_requests"] == 0 and d["failed_requests"] == 0
+    ms = r["models"]["minilm"]["setup"]["bucket_ms_in_process"]
+    _quoted(f"(bucket 1: {ms['1']:.1f} ms, 8: {ms['8']:.1f} ms, 32: {ms['32']:.1f} ms)")
+    _quoted(f"{ms['32'] / 32:.1f} ms a row against {ms['1']:.1f} ms alone")
 
 
 def test_pruning_figures_are_the_committed_ones():
