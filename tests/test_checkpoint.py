@@ -490,6 +490,7 @@ def many_sharded_params(n: int) -> dict:
     }
 
 
+@pytest.mark.slow  # ~8 s: 720 sharded leaves; the slow CI step runs it on every landing
 def test_many_sharded_leaves_with_adam_state_save_and_verify(tmp_path: Path) -> None:
     """240 sharded parameters plus Adam state (720 sharded leaves) on a 2x4 mesh: save and
     ``restore(verify=True)`` finish, bit-exact. One checksum reduction dispatched per leaf, all

@@ -165,6 +165,7 @@ def nm_cases(draw):
     return n, m, axis, tuple(shape), seed
 
 
+@pytest.mark.slow  # ~9 s of hypothesis examples; the slow CI step runs it on every landing
 @SETTINGS
 @given(nm_cases())
 def test_nm_mask_invariants(case):
