@@ -85,3 +85,16 @@ def test_sharding_plan_figures_are_the_committed_ones():
         if "seconds" in run:
             _quoted(f"in {run['seconds']['lower_and_compile']:.1f} s on {devices}")
     assert sorted(r["mesh"]["data"] * r["mesh"]["model"] for r in runs) == [64, 256]
+
+
+def test_artifact_figures_are_the_committed_ones():
+    a = _results("artifact.json")["artifacts"]
+    i8, i4 = a["int8 (minilm-w8a8.toml)"], a["int4 weight-only, tables int4"]
+    _quoted(f"per row) is {i8['ratio_to_fp32_artifact']:.3f}x the fp32 artifact")
+    _quoted(f'(`quantize_model(recipe="w4", tables="int4")`) {i4["ratio_to_fp32_artifact"]:.3f}x.')
+    for label, word in (("fp32", "fp32"), ("int4 weight-only, tables int4", "weight-only")):
+        d = a[label]["max_abs_difference_between_buckets"]
+        values = list(d.values())
+        _quoted(f"{word} {values[0]:.2g}")
+    d8 = list(i8["max_abs_difference_between_buckets"].values())
+    _quoted(f"w8a8 {d8[0]:.2g} and {d8[1]:.2g}")
