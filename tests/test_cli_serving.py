@@ -186,3 +186,19 @@ def test_bench_runs_a_bounded_load_test_with_a_key_from_a_file(tmp_path):
         assert figures["requests_ok"] > 0 and figures["failures"] == {}
         assert figures["p50_ms"] <= figures["p99_ms"]
         assert cli.main(argv) == 2  # no key: refused
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["bench", "http://127.0.0.1:1", "--model", "m", "--concurrency", "0"], "--concurrency: must be positive, got '0'"),
+        (["bench", "http://127.0.0.1:1", "--model", "m", "--duration", "x"], "--duration: expected a number, got 'x'"),
+        (["demo", "--load-seconds", "-1"], "--load-seconds: must be positive, got '-1'"),
+        (["serve", "d", "--max-queue-delay-ms", "nan"], "--max-queue-delay-ms: must be non-negative, got 'nan'"),
+    ],
+)  # fmt: skip
+def test_serving_commands_reject_bad_numbers_as_usage_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from maas_jax.cli._args import positive
+
 
 def load_test(
     url: str,
@@ -116,10 +118,10 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser("bench", help="bounded load test against a running server")
     p.add_argument("url", help="e.g. http://127.0.0.1:8000")
     p.add_argument("--model", required=True)
-    p.add_argument("--concurrency", type=int, default=32)
-    p.add_argument("--duration", type=float, default=10.0, help="seconds (default 10)")
-    p.add_argument("--max-requests", type=int, default=100_000)
-    p.add_argument("--rows", type=int, default=1, help="rows per request")
+    p.add_argument("--concurrency", type=positive(int), default=32)
+    p.add_argument("--duration", type=positive(float), default=10.0, help="seconds (default 10)")
+    p.add_argument("--max-requests", type=positive(int), default=100_000)
+    p.add_argument("--rows", type=positive(int), default=1, help="rows per request")
     p.add_argument("--json-out", help="write the figures here as JSON")
     p.add_argument("--no-binary", action="store_true", help="JSON tensors instead of binary")
     p.add_argument(
@@ -133,9 +135,6 @@ def add_parser(sub: Any) -> None:
 def run(ns: argparse.Namespace) -> int:
     from maas_jax.serve import Client, ServeError
 
-    if ns.concurrency < 1 or ns.duration <= 0 or ns.rows < 1 or ns.max_requests < 1:
-        print("maas-jax bench: --concurrency, --duration, --rows and --max-requests must be > 0")
-        return 2
     key = os.environ.get("MAAS_JAX_API_KEY")
     if ns.api_key_file:
         try:

@@ -24,14 +24,18 @@ from typing import Any
 
 import numpy as np
 
+from maas_jax.cli._args import positive
+
 RECIPE = "minilm-w8a8.toml"
 SEQ_LEN = 64
 
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("demo", help="optimize, export, serve and query MiniLM end to end")
-    p.add_argument("--load-seconds", type=float, default=4.0, help="per load test (default 4)")
-    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument(
+        "--load-seconds", type=positive(float), default=4.0, help="per load test (default 4)"
+    )
+    p.add_argument("--concurrency", type=positive(int), default=32)
     p.add_argument("--out", help="keep the artifacts here (default: a temporary directory)")
     p.set_defaults(run=run)
 

@@ -6,19 +6,7 @@ import argparse
 import os
 from typing import Any
 
-
-def _positive(kind: type, *, zero_ok: bool = False) -> Any:
-    def parse(text: str) -> Any:
-        try:
-            v = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not (v >= 0 if zero_ok else v > 0) or v != v:
-            need = "non-negative" if zero_ok else "positive"
-            raise argparse.ArgumentTypeError(f"must be {need}, got {text!r}")
-        return v
-
-    return parse
+from maas_jax.cli._args import positive
 
 
 def add_parser(sub: Any) -> None:
@@ -30,16 +18,16 @@ def add_parser(sub: Any) -> None:
         "--api-keys-file",
         help="one API key per line; or set MAAS_JAX_API_KEYS=key1,key2 (default: no auth)",
     )
-    p.add_argument("--max-batch-size", type=_positive(int), help="default: largest bucket")
+    p.add_argument("--max-batch-size", type=positive(int), help="default: largest bucket")
     p.add_argument(
         "--max-queue-delay-ms",
-        type=_positive(float, zero_ok=True),
+        type=positive(float, zero_ok=True),
         default=5.0,
         help="how long the oldest request waits for others (0: batch what is waiting)",
     )
-    p.add_argument("--max-queue-size", type=_positive(int), default=256)
-    p.add_argument("--timeout", type=_positive(float), default=30.0, help="request deadline, s")
-    p.add_argument("--max-body-mb", type=_positive(float), default=64.0)
+    p.add_argument("--max-queue-size", type=positive(int), default=256)
+    p.add_argument("--timeout", type=positive(float), default=30.0, help="request deadline, s")
+    p.add_argument("--max-body-mb", type=positive(float), default=64.0)
     p.add_argument("--no-batching", action="store_true", help="run every request alone")
     p.add_argument("--log-level", default="info")
     p.set_defaults(run=run)
